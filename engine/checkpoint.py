@@ -1,0 +1,90 @@
+"""Checkpoints that survive crashes: write to a temporary name, fsync, rename; keep the newest N.
+
+A checkpoint file is valid only once complete (the rename is atomic), so `--checkpoint.resume auto`
+always finds a loadable one. Loading never unpickles arbitrary objects (weights_only=True).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+from pathlib import Path
+
+import torch
+
+from engine.errors import UserError
+
+NAME = re.compile(r"^(?P<stage>[a-z]+)-(?P<kind>e(?P<epoch>\d+)-s(?P<step>\d+)|final)\.pt$")
+
+
+def atomic_save(obj, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+
+
+def safe_load(path: str | Path) -> dict:
+    """Load a checkpoint with weights_only=True; the allow-list covers what public MAE checkpoints hold."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint '{path}' not found: check the path (model.init / checkpoint.resume / eval.checkpoint)")
+    # MAE's checkpoints store the training script's argparse.Namespace next to the weights.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as err:  # noqa: BLE001 - any failure here means the file is not a usable checkpoint
+            raise UserError(f"checkpoint '{path}' could not be loaded safely ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0]}); it may be truncated or hold objects we refuse to unpickle") from None
+
+
+def checkpoint_name(stage: str, epoch: int, step: int) -> str:
+    return f"{stage}-e{epoch:04d}-s{step:06d}.pt"
+
+
+def list_checkpoints(folder: Path, stage: str) -> list[Path]:
+    """This stage's resumable checkpoints, oldest first (temporary files are never listed)."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = NAME.match(p.name)
+        if m and m["stage"] == stage and m["kind"] != "final":
+            found.append((int(m["epoch"]), int(m["step"]), p))
+    return [p for _, _, p in sorted(found)]
+
+
+def save_rolling(obj, folder: Path, stage: str, epoch: int, step: int, keep: int) -> Path:
+    path = folder / checkpoint_name(stage, epoch, step)
+    atomic_save(obj, path)
+    for old in list_checkpoints(folder, stage)[:-keep]:
+        old.unlink(missing_ok=True)
+    return path
+
+
+def newest_valid(folder: Path, stage: str) -> tuple[Path, dict] | None:
+    """The newest checkpoint of `stage` that loads; a damaged newer one is skipped with a warning."""
+    for path in reversed(list_checkpoints(folder, stage)):
+        try:
+            return path, safe_load(path)
+        except UserError as err:
+            print(f"warning: skipping {err}")
+    return None
+
+
+def export_safetensors(state_dict: dict, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)

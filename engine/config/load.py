@@ -1,0 +1,169 @@
+"""TOML file + command-line overrides -> one validated Config per stage.
+
+Precedence: command line > TOML > dataclass defaults. Per-stage differences live under
+`[stages.<stage>.<section>]` and override the top-level sections for that stage only, e.g.
+
+    [optim]
+    blr = 1e-3
+    [stages.finetune.optim]
+    blr = 5e-4        # fine-tune uses 5e-4, every other stage 1e-3
+
+Every stage is resolved and validated up front, so a bad value in the last stage fails at start-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+from engine.config.sections import STAGES
+from engine.config.tree import Config, build_dataclass, field_type, to_dict, unknown_key_error
+from engine.errors import ConfigError, UserError
+
+
+@dataclass
+class RunPlan:
+    """What one invocation will do: the resolved config of every stage, in order."""
+
+    source: str  # the config file it came from
+    base: Config  # top-level sections (no stage overrides)
+    stages: dict[str, Config]  # stage name -> resolved config, in run order
+    stage_overrides: dict  # the raw [stages.*] tables, kept for the written config.toml
+
+    def to_toml(self) -> str:
+        tree = to_dict(self.base)
+        if self.stage_overrides:
+            tree["stages"] = self.stage_overrides
+        return dump_toml(tree)
+
+
+def read_toml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"config file '{path}' not found: pass an existing file to --cfg (see configs/)")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as err:
+        raise UserError(f"{path}: invalid TOML: {err}") from None
+
+
+def deep_merge(base: dict, over: dict) -> dict:
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def parse_value(text: str, tp, key: str):
+    """A command-line string -> a value of the field's type (errors name the flag)."""
+    import typing
+
+    flag = f"(from --{key})"
+    if typing.get_origin(tp) is list:
+        (item_tp,) = typing.get_args(tp)
+        if text.strip().startswith("["):
+            try:
+                items = tomllib.loads(f"v = {text}")["v"]
+            except tomllib.TOMLDecodeError:
+                raise ConfigError(key, f"could not read {text!r} as a list {flag}") from None
+            return [parse_value(str(v).lower() if isinstance(v, bool) else str(v), item_tp, key) for v in items]
+        return [parse_value(part.strip(), item_tp, key) for part in text.split(",") if part.strip()]
+    if tp is bool:
+        low = text.lower()
+        if low in ("true", "1", "yes", "on"):
+            return True
+        if low in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(key, f"expected true or false, got {text!r} {flag}")
+    if tp in (int, float):
+        try:
+            return tp(text)
+        except ValueError:
+            kind = "an integer" if tp is int else "a number"
+            raise ConfigError(key, f"expected {kind}, got {text!r} {flag}") from None
+    return text
+
+
+def apply_override(tree: dict, key: str, text: str) -> None:
+    """Set `--a.b.c VALUE` into the nested dict, typed by the Config field it names."""
+    parts = key.split(".")
+    if parts[0] == "stages":
+        if len(parts) < 4:
+            raise ConfigError(key, "stage overrides look like --stages.<stage>.<section>.<key> VALUE")
+        if parts[1] not in STAGES:
+            raise unknown_key_error(parts[1], "stages", list(STAGES))
+        tp = field_type(Config, parts[2:], key)
+    else:
+        if len(parts) < 2:
+            raise ConfigError(key, "overrides look like --<section>.<key> VALUE, e.g. --optim.blr 1e-3")
+        tp = field_type(Config, parts, key)
+    node = tree
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(key, f"'{part}' is a setting in the file, not a section")
+    node[parts[-1]] = parse_value(text, tp, key)
+
+
+def load_plan(path: str | Path, overrides: list[tuple[str, str]] = ()) -> RunPlan:
+    tree = read_toml(path)
+    for key, text in overrides:
+        apply_override(tree, key, text)
+    stage_tables = tree.pop("stages", {})
+    if not isinstance(stage_tables, dict):
+        raise ConfigError("stages", "must be a table of per-stage overrides, e.g. [stages.semi.optim]")
+    for name in stage_tables:
+        if name not in STAGES:
+            raise unknown_key_error(name, "stages", list(STAGES))
+    base = build_dataclass(Config, tree)
+    stages = {}
+    for name in base.run.stages:
+        merged = deep_merge(tree, stage_tables.get(name, {}))
+        try:
+            stages[name] = build_dataclass(Config, merged)
+        except ConfigError as err:
+            # Name the stage table when the bad value came from it.
+            raise (err.under(f"stages.{name}") if _from_stage(err.key, stage_tables.get(name, {})) else err)
+    return RunPlan(source=str(path), base=base, stages=stages, stage_overrides=stage_tables)
+
+
+def _from_stage(key: str, table: dict) -> bool:
+    node = table
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
+def dump_toml(tree: dict) -> str:
+    """A small TOML writer for the value types configs use (tables, scalars, lists of scalars)."""
+
+    def scalar(v) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(scalar(x) for x in v) + "]"
+        return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+    lines: list[str] = []
+
+    def table(node: dict, prefix: str) -> None:
+        plain = {k: v for k, v in node.items() if not isinstance(v, dict)}
+        if prefix and plain:
+            lines.append(f"\n[{prefix}]")
+        for k, v in plain.items():
+            lines.append(f"{k} = {scalar(v)}")
+        for k, v in node.items():
+            if isinstance(v, dict):
+                table(v, f"{prefix}.{k}" if prefix else k)
+
+    table(tree, "")
+    return "\n".join(lines).lstrip("\n") + "\n"

@@ -1,0 +1,26 @@
+"""Errors that are the user's to fix: the entry point prints one line and exits with code 2."""
+
+EXIT_USAGE = 2  # bad config, bad path, bad checkpoint: nothing was lost, fix the input and rerun
+EXIT_INTERRUPTED = 3  # SIGINT/SIGTERM: the current step finished and a checkpoint was saved
+
+
+class UserError(Exception):
+    """A problem with the user's input (config, paths, data, checkpoints), with the fix in the message."""
+
+
+class ConfigError(UserError):
+    """A config value is unknown, mistyped or impossible. `key` is the dotted path that names it."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        self.message = message
+        super().__init__(f"{key}: {message}" if key else message)
+
+    def under(self, prefix: str) -> "ConfigError":
+        """The same error with its key placed under a parent section (e.g. 'threshold' -> 'semi.threshold')."""
+        key = f"{prefix}.{self.key}" if self.key else prefix
+        return ConfigError(key, self.message)
+
+
+class Interrupted(Exception):
+    """SIGTERM/SIGINT arrived: the current step finished and a checkpoint was saved."""

@@ -1,0 +1,54 @@
+"""ModelConfig -> a ViT, and initialisation from a checkpoint with a printed key report."""
+
+from __future__ import annotations
+
+import torch
+
+from engine.checkpoint import safe_load
+from engine.config import ModelConfig
+from engine.errors import ConfigError, UserError
+from engine.models.vit import ARCHS, VisionTransformer, build_vit, load_vit_state_dict
+
+
+def build_model(m: ModelConfig) -> VisionTransformer:
+    if m.arch not in ARCHS:
+        import difflib
+
+        near = difflib.get_close_matches(m.arch, list(ARCHS), n=1)
+        hint = f"did you mean '{near[0]}'?" if near else f"valid: {', '.join(sorted(ARCHS))}"
+        raise ConfigError("model.arch", f"unknown architecture '{m.arch}'; {hint}")
+    if m.img_size % ARCHS[m.arch]["patch_size"]:
+        raise ConfigError("model.img_size", f"{m.img_size} is not a multiple of {m.arch}'s patch size "
+                                            f"{ARCHS[m.arch]['patch_size']}")
+    try:
+        return build_vit(m.arch, img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes,
+                         global_pool=m.global_pool, pos_embed=m.pos_embed, drop_path=m.drop_path,
+                         attn_backend=m.attn_backend, grad_checkpointing=m.grad_checkpointing)
+    except RuntimeError as err:  # e.g. xformers requested where it cannot run
+        raise ConfigError("model.attn_backend", str(err)) from None
+
+
+def load_weights(model: VisionTransformer, state: dict, source: str, verbose: bool = True) -> dict:
+    """Load timm / MAE / engine weights; print what was loaded, ignored and newly initialised."""
+    try:
+        report = load_vit_state_dict(model, state)
+    except ValueError as err:
+        raise UserError(f"{source} does not fit model {model.__class__.__name__}: {err}") from None
+    if verbose:
+        print(f"init from {source}: {len(report['loaded'])} tensors loaded, "
+              f"{len(report['ignored'])} ignored, {len(report['new'])} new")
+        for kind in ("ignored", "new", "resampled"):
+            if report.get(kind):
+                print(f"  {kind}: {', '.join(report[kind])}")
+    return report
+
+
+def init_from_checkpoint(model: VisionTransformer, path: str) -> dict | None:
+    """model.init: returns the checkpoint's EMA weights when it has them (they seed the semi teacher)."""
+    state = safe_load(path)
+    weights = state.get("model", state) if isinstance(state, dict) else state
+    if not isinstance(weights, dict) or not any(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise UserError(f"{path}: no state dict found (expected {{'model': state_dict}} or a bare state dict)")
+    load_weights(model, weights, path)
+    ema = state.get("ema") if isinstance(state, dict) else None
+    return ema if isinstance(ema, dict) else None

@@ -1,0 +1,81 @@
+"""report.md with PNG plots (accuracy, loss, mask rate over steps) and the final comparison table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers
+import matplotlib.pyplot as plt  # noqa: E402
+
+PLOTS = {
+    "accuracy": ("eval", ("top1", "teacher_top1"), "top-1 (%)"),
+    "loss": ("train", ("loss", "loss_x", "loss_u"), "loss"),
+    "mask_rate": ("train", ("mask_rate", "pl_precision", "pl_recall"), "fraction"),
+}
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot(rows: list[dict], kind: str, keys: tuple[str, ...], ylabel: str, path: Path) -> bool:
+    """One line per (stage, key), steps continued across stages so the run reads left to right."""
+    fig, ax = plt.subplots(figsize=(7, 3.6))
+    offset, drawn = 0, False
+    stages = list(dict.fromkeys(r["stage"] for r in rows))
+    for stage in stages:
+        stage_rows = [r for r in rows if r["stage"] == stage]
+        for key in keys:
+            pts = [(offset + r["step"], r[key]) for r in stage_rows if r["kind"] == kind and key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="." if len(pts) < 30 else None, label=f"{stage} {key}")
+                drawn = True
+        offset += max((r["step"] for r in stage_rows), default=0)
+        ax.axvline(offset, color="grey", lw=0.5, ls=":")
+    if drawn:
+        ax.set_xlabel("optimizer step (stages back to back)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return drawn
+
+
+def comparison_table(results: dict) -> str:
+    stages = results["stages"]
+    rows = [("run", "student top-1", "teacher top-1")]
+
+    def fmt(v):
+        return f"{v:.2f}%" if isinstance(v, (int, float)) else "-"
+
+    labels = {"pretrain": "MAE pre-training", "finetune": "supervised only (fine-tune)", "semi": "Semi-ViT (semi)",
+              "eval": "evaluated checkpoint"}
+    for name, s in stages.items():
+        if "top1" in s:
+            rows.append((labels.get(name, name), fmt(s.get("top1")), fmt(s.get("teacher_top1"))))
+    if "finetune" in stages and "semi" in stages:
+        sup = stages["finetune"].get("teacher_top1", stages["finetune"]["top1"])
+        gain = stages["semi"].get("teacher_top1", stages["semi"]["top1"]) - sup
+        rows.append(("semi-supervised gain", "", f"{gain:+.2f} points"))
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
+
+
+def write_report(run_dir: Path, results: dict) -> None:
+    rows = read_metrics(run_dir)
+    parts = [f"# Run report: {run_dir.name}", "", comparison_table(results), "",
+             f"Wall time: {results.get('wall_seconds', 0):.1f} s.", ""]
+    for name, (kind, keys, ylabel) in PLOTS.items():
+        if plot(rows, kind, keys, ylabel, run_dir / f"{name}.png"):
+            parts += [f"## {name.replace('_', ' ')}", "", f"![{name}]({name}.png)", ""]
+    (run_dir / "report.md").write_text("\n".join(parts))

@@ -1,0 +1,77 @@
+"""A whole run: every stage of the plan in order, then results.json, the report and the exported teacher."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from engine import checkpoint as ckpt
+from engine.config import Config, RunPlan
+from engine.errors import UserError
+from engine.report import comparison_table, write_report
+from engine.runtime import setup_runtime
+from engine.stages.runner import run_stage
+
+
+def preflight(plan: RunPlan) -> None:
+    """Fail in a second, not an hour in: every path the plan reads must exist before any heavy work."""
+    first = True
+    for name, cfg in plan.stages.items():
+        check_paths(name, cfg, first)
+        first = False
+
+
+def check_paths(stage: str, cfg: Config, first: bool) -> None:
+    d = cfg.data
+    if d.source == "imagefolder":
+        for sub in (d.train_dir, d.val_dir) if stage != "eval" else (d.val_dir,):
+            path = Path(d.root) / sub
+            if not path.is_dir():
+                raise UserError(f"data folder '{path}' not found: data.root must hold {d.train_dir}/ and "
+                                f"{d.val_dir}/ with one sub-folder per class (see README, 'Data preparation')")
+        for key in ("labelled_index", "unlabelled_index"):
+            value = getattr(d, key)
+            if value and not Path(value).is_file():
+                raise UserError(f"data.{key}: index file '{value}' not found")
+    if first and cfg.model.init and stage != "eval" and not Path(cfg.model.init).is_file():
+        raise UserError(f"model.init: checkpoint '{cfg.model.init}' not found")
+    if stage == "eval" and cfg.eval.checkpoint and not Path(cfg.eval.checkpoint).is_file():
+        raise UserError(f"eval.checkpoint: '{cfg.eval.checkpoint}' not found")
+
+
+def run_plan(plan: RunPlan, run_dir: Path) -> dict:
+    t0 = time.perf_counter()
+    preflight(plan)
+    rt = setup_runtime(plan.base.run, plan.base.dist)
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(plan.to_toml())
+        print(f"run folder: {run_dir}  (device {rt.device}, {rt.world_size} process(es), "
+              f"precision {'bf16 autocast' if rt.dtype else 'fp32'})")
+    rt.barrier()
+    results: dict = {"stages": {}}
+    carry = None
+    for name, cfg in plan.stages.items():
+        summary, carry = run_stage(name, cfg, rt, run_dir, carry)
+        results["stages"][name] = summary
+        if rt.is_main:
+            teacher = f", teacher top-1 {summary['teacher_top1']:.2f}%" if "teacher_top1" in summary else ""
+            print(f"[{name}] top-1 {summary['top1']:.2f}%{teacher}")
+    results["wall_seconds"] = round(time.perf_counter() - t0, 2)
+    if rt.is_main:
+        export(plan, carry, run_dir)
+        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+        write_report(run_dir, results)
+        print(comparison_table(results))
+        print(f"wall time {results['wall_seconds']:.1f} s; results in {run_dir}/results.json, report in {run_dir}/report.md")
+    return results
+
+
+def export(plan: RunPlan, carry: dict | None, run_dir: Path) -> None:
+    """The deployable weights: the final teacher (EMA) when there is one, else the model."""
+    if not carry or not plan.base.checkpoint.export_safetensors:
+        return
+    weights = carry.get("ema") or carry.get("model")
+    if weights:
+        ckpt.export_safetensors(weights, run_dir / "model.safetensors")

@@ -1,0 +1,202 @@
+"""The optimisation loop every training stage shares.
+
+A stage supplies its micro-batches, its loss and what happens after an optimizer step (the EMA).
+The loop owns the rest: lr schedule per iteration, gradient accumulation, clipping, skipping
+non-finite steps without a host sync (fused AdamW's `found_inf`), logging, evaluation, the best
+checkpoint (by the teacher when there is one), rolling checkpoints, exact resume, and SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from engine import checkpoint as ckpt
+from engine.config import Config
+from engine.errors import Interrupted, UserError
+from engine.metrics import MetricLogger
+from engine.optim import CosineSchedule, absolute_lr, build_optimizer
+from engine.runtime import Runtime, rng_state, set_rng_state
+from engine.stages.evaluate import evaluate_models
+
+
+class TrainStage(Protocol):
+    name: str
+    student: nn.Module  # the module whose parameters the optimizer updates (never DDP-wrapped)
+    teacher: nn.Module | None
+
+    def micro_batches_per_epoch(self) -> int: ...
+    def batches(self, epoch: int, start: int) -> Iterator: ...
+    def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]: ...
+    def after_step(self) -> None: ...
+    def derive(self, record: dict[str, float]) -> dict[str, float]: ...
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class StopFlag:
+    """Turns SIGTERM/SIGINT into a flag checked between steps (all ranks agree on logging steps)."""
+
+    def __init__(self):
+        self.raised = False
+        self.previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            with contextlib.suppress(ValueError):  # not the main thread: leave handlers alone
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.raised:  # second signal: the user insists
+            raise KeyboardInterrupt
+        self.raised = True
+        print(f"\nsignal {signum}: finishing the current step, saving a checkpoint, then exiting")
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def run_training(stage: TrainStage, cfg: Config, rt: Runtime, run_dir: Path, forward_model: nn.Module,
+                 resume: dict | None = None) -> dict:
+    """Train `stage` for cfg.schedule.epochs; returns the final and best evaluation metrics."""
+    accum = cfg.optim.accum_steps
+    steps_per_epoch = stage.micro_batches_per_epoch() // accum
+    if steps_per_epoch < 1:
+        raise UserError(f"stage {stage.name}: an epoch has fewer than one step ({stage.micro_batches_per_epoch()} "
+                        f"batches, optim.accum_steps = {accum}): lower data.batch_size or accum_steps")
+    total_steps = max(1, round(cfg.schedule.epochs * steps_per_epoch))
+    if cfg.schedule.max_steps:
+        total_steps = min(total_steps, cfg.schedule.max_steps)
+    global_batch = cfg.data.batch_size * accum * rt.world_size
+    base_lr = absolute_lr(cfg.optim, global_batch)
+    optimizer = build_optimizer(stage.student, cfg.optim, base_lr)
+    schedule = CosineSchedule(base_lr, cfg.schedule)
+    params = [p for p in stage.student.parameters() if p.requires_grad]
+    logger = MetricLogger(run_dir, rt, cfg.logging, stage.name)
+    folder = run_dir / "checkpoints"
+    skipped = torch.zeros((), device=rt.device)
+    best = {"score": -1.0}
+    step = 0
+    if resume is not None:
+        stage.student.load_state_dict(resume["model"])
+        stage.load_state_dict(resume["stage"])
+        optimizer.load_state_dict(resume["optimizer"])
+        skipped.fill_(resume["skipped"])
+        best = resume["best"]
+        step = resume["step"]
+        set_rng_state(resume["rng"])
+        if rt.is_main:
+            print(f"[{stage.name}] resumed at step {step}/{total_steps}")
+
+    def state(step_now: int) -> dict:
+        return {"stage_name": stage.name, "model": stage.student.state_dict(), "stage": stage.state_dict(),
+                "optimizer": optimizer.state_dict(), "step": step_now, "skipped": float(skipped),
+                "best": best, "rng": rng_state(), "steps_per_epoch": steps_per_epoch}
+
+    def save(step_now: int) -> None:
+        if rt.is_main:
+            epoch_now = step_now // steps_per_epoch
+            ckpt.save_rolling(state(step_now), folder, stage.name, epoch_now, step_now, cfg.checkpoint.keep)
+        rt.barrier()
+
+    def evaluate(step_now: int) -> dict:
+        if hasattr(stage, "evaluate"):  # e.g. MAE: reconstruction loss instead of accuracy
+            metrics = stage.evaluate(rt)
+        else:
+            metrics = evaluate_models(stage.eval_models(), stage.eval_stream, rt)
+        logger.write(step_now, step_now / steps_per_epoch, metrics, prefix="eval")
+        # The teacher is what Semi-ViT deploys, so it picks the best checkpoint when there is one.
+        score = metrics.get("score", metrics.get("teacher_top1", metrics.get("top1")))
+        if score > best["score"]:
+            best.update(score=score, step=step_now, **metrics)
+            if rt.is_main:
+                ckpt.atomic_save({"stage_name": stage.name, "model": stage.student.state_dict(),
+                                  "stage": stage.state_dict(), "metrics": metrics},
+                                 folder / f"{stage.name}-best.pt")
+        return metrics
+
+    final: dict = {}
+    with StopFlag() as stop:
+        forward_model.train()
+        bar = tqdm(total=total_steps, initial=step, desc=stage.name, disable=not (rt.is_main and cfg.logging.progress),
+                   dynamic_ncols=True, leave=False)
+        while step < total_steps:
+            epoch = step // steps_per_epoch
+            start = (step % steps_per_epoch) * accum
+            batches = stage.batches(epoch, start)
+            for _ in range(start // accum, steps_per_epoch):
+                lr = schedule.apply(optimizer, step / steps_per_epoch)
+                finite = optimizer_step(stage, forward_model, optimizer, params, batches, cfg, rt, logger)
+                skipped += (~finite).float()
+                stage.after_step()
+                step += 1
+                bar.update(1)
+                log_now = step % cfg.logging.every_steps == 0 or step == total_steps
+                if log_now:  # the only host sync of the loop
+                    record = logger.flush(step, step / steps_per_epoch, {"lr": lr, "skipped": float(skipped)})
+                    record = stage.derive(record)
+                    bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}")
+                    check_nonfinite(record["skipped"], cfg, save, step)
+                    if rt.distributed:
+                        flag = torch.tensor(float(stop.raised), device=rt.device)
+                        stop.raised = bool(rt.all_reduce_sum(flag).item() > 0)
+                if stop.raised and (log_now or not rt.distributed):
+                    save(step)
+                    raise Interrupted(f"stage {stage.name} stopped at step {step}")
+                if step == total_steps or step % steps_per_epoch == 0:
+                    break
+            epoch_done = step // steps_per_epoch
+            at_end = step == total_steps
+            if at_end or epoch_done % cfg.eval.every_epochs == 0:
+                final = evaluate(step)
+                forward_model.train()
+            if at_end or epoch_done % cfg.checkpoint.every_epochs == 0:
+                save(step)
+        bar.close()
+    logger.close()
+    if not final:
+        final = evaluate(step)
+    return {"final": final, "best": best, "steps": step, "lr": base_lr, "global_batch": global_batch}
+
+
+def optimizer_step(stage, forward_model, optimizer, params, batches, cfg: Config, rt: Runtime,
+                   logger: MetricLogger) -> torch.Tensor:
+    """One optimizer step over `accum_steps` micro-batches; returns a device bool: was it finite."""
+    accum = cfg.optim.accum_steps
+    total = torch.zeros((), device=rt.device)
+    for micro in range(accum):
+        batch = next(batches)
+        sync = micro == accum - 1 or not rt.distributed
+        with (contextlib.nullcontext() if sync else forward_model.no_sync()):
+            with rt.autocast():
+                loss, metrics, images = stage.loss(batch)
+            (loss / accum).backward()
+        total = total + loss.detach().float()
+        logger.accumulate(metrics, images)
+    max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+    finite = torch.isfinite(total) & torch.isfinite(grad_norm)
+    # Fused AdamW skips the update (and its step count) where found_inf is 1: no host sync needed.
+    optimizer.found_inf = (~finite).float()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return finite
+
+
+def check_nonfinite(skipped: float, cfg: Config, save, step: int) -> None:
+    """Called on logging steps only. Skipped steps left the weights untouched, so saving keeps the last good state."""
+    policy = cfg.logging
+    if skipped > 0 and (policy.nonfinite == "stop" or skipped > policy.max_skips):
+        save(step)
+        raise UserError(f"non-finite loss or gradients in {int(skipped)} step(s) (logging.nonfinite = "
+                        f"'{policy.nonfinite}', max_skips = {policy.max_skips}); the last good state was saved in "
+                        f"checkpoints/: lower optim.blr or enable optim.clip_grad, then resume")

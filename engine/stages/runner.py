@@ -1,0 +1,129 @@
+"""Run one stage end to end: data, model, initialisation, resume, training, final checkpoint.
+
+Stages hand their weights to the next through `carry` ({"model": ..., "ema": ...}); a stage that
+already finished (its `<stage>-final.pt` exists) is skipped on `--checkpoint.resume auto`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dataloading import build_data
+from engine import checkpoint as ckpt
+from engine.config import Config
+from engine.errors import UserError
+from engine.models.build import build_model, init_from_checkpoint, load_weights
+from engine.runtime import Runtime, seed_everything
+from engine.stages.evaluate import evaluate_models
+from engine.stages.finetune import FinetuneStage
+from engine.stages.loop import run_training
+from engine.stages.semi import SemiStage
+
+STREAMS = {"finetune": ("labelled", "evaluation"), "semi": ("labelled", "unlabelled", "evaluation"),
+           "eval": ("evaluation",)}
+
+
+def stage_data(cfg: Config, rt: Runtime, stage: str):
+    data = build_data(cfg.data, cfg.augment, img_size=cfg.model.img_size, batch_size=cfg.data.batch_size,
+                      unlabelled_batch_size=cfg.semi.mu * cfg.data.batch_size, seed=cfg.run.seed,
+                      rank=rt.rank, world_size=rt.world_size, device=rt.device, need=STREAMS[stage])
+    if data.num_classes != cfg.model.num_classes:
+        raise UserError(f"the data has {data.num_classes} classes but model.num_classes = {cfg.model.num_classes}: "
+                        f"set --model.num_classes {data.num_classes}")
+    if data.in_chans != cfg.model.in_chans:
+        raise UserError(f"the data has {data.in_chans} channels but model.in_chans = {cfg.model.in_chans}")
+    return data
+
+
+def wrap_for_training(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
+    """DDP across processes, then torch.compile when asked; the optimizer keeps the bare module."""
+    forward = model
+    if rt.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        forward = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    if cfg.run.compile:
+        forward = torch.compile(forward)
+    return forward
+
+
+def build_student(cfg: Config, rt: Runtime, carry: dict | None) -> tuple[nn.Module, dict | None]:
+    """The stage's starting weights: the previous stage's, else model.init, else a fresh init."""
+    seed_everything(cfg.run.seed)  # identical init on every rank
+    model = build_model(cfg.model)
+    teacher_state = None
+    if carry is not None:
+        load_weights(model, carry["model"], "the previous stage", verbose=rt.is_main)
+        teacher_state = carry.get("ema")
+    elif cfg.model.init:
+        teacher_state = init_from_checkpoint(model, cfg.model.init)
+    return model.to(rt.device), teacher_state
+
+
+def run_stage(name: str, cfg: Config, rt: Runtime, run_dir: Path, carry: dict | None) -> tuple[dict, dict]:
+    folder = run_dir / "checkpoints"
+    final_path = folder / f"{name}-final.pt"
+    if cfg.checkpoint.resume == "auto" and final_path.is_file():
+        done = ckpt.safe_load(final_path)
+        if rt.is_main:
+            print(f"[{name}] already finished in this run folder: skipping (delete {final_path} to rerun)")
+        return done["result"], {k: done[k] for k in ("model", "ema") if k in done}
+    if name == "eval":
+        return run_eval(cfg, rt, carry), carry or {}
+
+    data = stage_data(cfg, rt, name)
+    student, teacher_state = build_student(cfg, rt, carry)
+    seed_everything(cfg.run.seed + 1000 * rt.rank)  # per-rank randomness for mixup and drop-path
+    forward = wrap_for_training(student, cfg, rt)
+    if name == "finetune":
+        stage = FinetuneStage(cfg, data, student, forward)
+    else:
+        stage = SemiStage(cfg, data, student, forward, teacher_state)
+        if teacher_state is None and rt.is_main:
+            print("[semi] no EMA in the starting checkpoint: the teacher starts as a copy of the student")
+    resume = find_resume(cfg, folder, name)
+    result = run_training(stage, cfg, rt, run_dir, forward, resume)
+    summary = {**result["final"], "best_score": result["best"]["score"], "best_step": result["best"].get("step"),
+               "steps": result["steps"], "lr": result["lr"], "global_batch": result["global_batch"]}
+    handoff = stage.handoff
+    if rt.is_main:
+        ckpt.atomic_save({"stage_name": name, "result": summary, **handoff}, final_path)
+    rt.barrier()
+    return summary, handoff
+
+
+def find_resume(cfg: Config, folder: Path, name: str) -> dict | None:
+    how = cfg.checkpoint.resume
+    if not how:
+        return None
+    if how == "auto":
+        found = ckpt.newest_valid(folder, name)
+        return found[1] if found else None
+    state = ckpt.safe_load(how)
+    if state.get("stage_name") != name:
+        return None  # a checkpoint of another stage: this stage starts fresh
+    return state
+
+
+def run_eval(cfg: Config, rt: Runtime, carry: dict | None) -> dict:
+    """Stage "eval": top-1/top-5 of the student and (when present) the teacher of any checkpoint."""
+    if cfg.eval.checkpoint:
+        state = ckpt.safe_load(cfg.eval.checkpoint)
+        source = cfg.eval.checkpoint
+    elif carry:
+        state, source = carry, "the previous stage"
+    else:
+        raise UserError("stage 'eval' needs a checkpoint: set --eval.checkpoint PATH (or run it after another stage)")
+    data = stage_data(cfg, rt, "eval")
+    models = {}
+    for role, key in (("student", "model"), ("teacher", "ema")):
+        if isinstance(state.get(key), dict):
+            model = build_model(cfg.model)
+            load_weights(model, state[key], f"{source} [{key}]", verbose=rt.is_main)
+            models[role] = model.to(rt.device)
+    if not models:
+        raise UserError(f"{source}: holds neither 'model' nor 'ema' weights")
+    return evaluate_models(models, data.evaluation, rt)

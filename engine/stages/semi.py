@@ -1,0 +1,103 @@
+"""Stage 3: Semi-ViT semi-supervised fine-tuning with an EMA teacher and probabilistic pseudo mixup.
+
+The step, in the order of the paper (DESIGN.md §1):
+  1. labelled batch B -> mixup (unless disabled) -> loss_x;
+  2. teacher (EMA, eval, no grad) on the weak views -> softmax -> confidence p, pseudo label y_hat, mask p >= tau;
+  3. probabilistic pseudo mixup on the strong views: lambda_i = p_i / (p_i + p_j), mask max(p_i, p_j) >= tau;
+  4. student on labelled + mixed strong views in one forward -> loss_u = masked soft-target CE;
+  5. loss = loss_x + lambda_u * loss_u; after the optimizer step, the teacher follows the student (EMA).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from engine.config import Config
+from engine.stages.common import EmaTeacher, cycle, mix_labelled
+from kernels import MixedBatch, pseudo_label, pseudo_mixup, soft_target_cross_entropy
+
+
+class SemiStage:
+    name = "semi"
+
+    def __init__(self, cfg: Config, data, student: nn.Module, forward_model: nn.Module,
+                 teacher_state: dict | None = None):
+        self.cfg, self.data = cfg, data
+        self.student, self.forward_model = student, forward_model
+        self.ema = EmaTeacher(student, cfg.ema.decay, init_state=teacher_state)
+        self.teacher = self.ema.module
+        self.eval_stream = data.evaluation
+
+    def micro_batches_per_epoch(self) -> int:
+        return len(self.data.unlabelled)  # one epoch = one pass over the unlabelled set
+
+    def batches(self, epoch: int, start: int):
+        # The labelled stream is smaller and cycles; its position follows from the unlabelled one.
+        labelled = cycle(self.data.labelled, epoch * len(self.data.unlabelled) + start)
+        return zip(labelled, self.data.unlabelled.epoch(epoch, start))
+
+    def loss(self, batch):
+        (x, y), (u_weak, u_strong, u_true) = batch  # (B, C, H, W), (B,), (muB, C, H, W) x2, (muB,)
+        semi = self.cfg.semi
+        b = x.shape[0]
+
+        # 1. labelled batch, mixed unless disabled
+        mixed_x = mix_labelled(x, y, self.cfg.augment)
+
+        # 2. pseudo labels from the teacher on the weak views
+        with torch.no_grad():
+            prob, y_hat, mask = pseudo_label(self.teacher(u_weak), semi.threshold)  # (muB,) each
+
+        # 3. probabilistic pseudo mixup on the strong views
+        if semi.pseudo_mixup:
+            mixed_u = pseudo_mixup(u_strong, prob, y_hat, semi.threshold, cutmix_prob=semi.cutmix_prob)
+        else:
+            mixed_u = MixedBatch(u_strong, y_hat, y_hat, torch.ones_like(prob), mask)
+
+        # 4. one student forward over both batches (a ViT has no batch statistics, so this is exact)
+        logits = self.forward_model(torch.cat([mixed_x.images, mixed_u.images]))  # (B + muB, classes)
+        loss_x = soft_target_cross_entropy(logits[:b], mixed_x.label_a, mixed_x.label_b, mixed_x.lam,
+                                           smoothing=self.cfg.augment.smoothing)
+        loss_u = soft_target_cross_entropy(logits[b:], mixed_u.label_a, mixed_u.label_b, mixed_u.lam,
+                                           mask=mixed_u.mask, smoothing=semi.smoothing)
+
+        # 5. total loss
+        loss = loss_x + semi.lambda_u * loss_u
+        return loss, self._diagnostics(loss, loss_x, loss_u, mask, mixed_u.mask, y_hat, u_true), \
+            b + u_strong.shape[0]
+
+    @torch.no_grad()
+    def _diagnostics(self, loss, loss_x, loss_u, mask, mixed_mask, y_hat, u_true) -> dict[str, torch.Tensor]:
+        """Counts, not ratios, so that precision/recall over many steps are exact (see derive)."""
+        known = (u_true >= 0).float()
+        correct = (y_hat == u_true).float() * known
+        accepted = mask * known
+        return {"loss": loss.detach(), "loss_x": loss_x.detach(), "loss_u": loss_u.detach(),
+                "mask_rate": mixed_mask.mean(), "raw_mask_rate": mask.mean(),
+                "n_known": known.sum(), "n_correct": correct.sum(), "n_accepted": accepted.sum(),
+                "n_accepted_correct": (accepted * correct).sum()}
+
+    def derive(self, record: dict) -> dict:
+        """Pseudo-label precision (correct among accepted) and recall (accepted among correct)."""
+        if record.get("n_known", 0) > 0:
+            record["pl_precision"] = record["n_accepted_correct"] / max(record["n_accepted"], 1e-9)
+            record["pl_recall"] = record["n_accepted_correct"] / max(record["n_correct"], 1e-9)
+            record["pl_accuracy"] = record["n_correct"] / record["n_known"]
+        return record
+
+    def after_step(self) -> None:
+        self.ema.update()
+
+    def eval_models(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "teacher": self.teacher}
+
+    def state_dict(self) -> dict:
+        return {"ema": self.teacher.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.teacher.load_state_dict(state["ema"])
+
+    @property
+    def handoff(self) -> dict:
+        return {"model": self.student.state_dict(), "ema": self.teacher.state_dict()}

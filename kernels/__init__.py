@@ -1,0 +1,35 @@
+"""Hot operations of the Semi-ViT semi-supervised step, one public function each.
+
+Each module holds the plain torch spec (``*_reference``) and the public function that dispatches to
+the fastest implementation available (today: vectorised torch; later Triton / native ops).
+"""
+
+from kernels.ema import ema_tensors, ema_update, ema_update_reference
+from kernels.pseudo_label import pseudo_label, pseudo_label_reference
+from kernels.pseudo_mixup import (
+    MixDraws,
+    MixedBatch,
+    draw_mix_randomness,
+    labelled_mixup,
+    mix_batch,
+    pseudo_mixup,
+    pseudo_mixup_reference,
+)
+from kernels.soft_target_ce import soft_target_cross_entropy, soft_target_cross_entropy_reference
+
+__all__ = [
+    "MixDraws",
+    "MixedBatch",
+    "draw_mix_randomness",
+    "ema_tensors",
+    "ema_update",
+    "ema_update_reference",
+    "labelled_mixup",
+    "mix_batch",
+    "pseudo_label",
+    "pseudo_label_reference",
+    "pseudo_mixup",
+    "pseudo_mixup_reference",
+    "soft_target_cross_entropy",
+    "soft_target_cross_entropy_reference",
+]
