@@ -40,7 +40,7 @@ class MetricLogger:
         self.steps += 1
         self.images += images
 
-    def flush(self, step: int, epoch: float, host: dict[str, float]) -> dict[str, float]:
+    def flush(self, step: int, epoch: float, host: dict[str, float], derive=None) -> dict[str, float]:
         """The logging step: one sync, means over the steps since the last flush, written out."""
         record: dict[str, float] = {}
         if self.sums:
@@ -51,6 +51,8 @@ class MetricLogger:
         elapsed = time.perf_counter() - self.t0
         record["img_per_s"] = self.images * self.runtime.world_size / max(elapsed, 1e-9)
         record.update(host)
+        if derive is not None:  # ratios of summed counts, e.g. pseudo-label precision
+            record = derive(record)
         self.write(step, epoch, record)
         self.sums, self.steps, self.images, self.t0 = {}, 0, 0, time.perf_counter()
         return record

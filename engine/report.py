@@ -56,8 +56,10 @@ def comparison_table(results: dict) -> str:
     def fmt(v):
         return f"{v:.2f}%" if isinstance(v, (int, float)) else "-"
 
-    labels = {"pretrain": "MAE pre-training", "finetune": "supervised only (fine-tune)", "semi": "Semi-ViT (semi)",
-              "eval": "evaluated checkpoint"}
+    pretrained = "pretrain" in stages or "baseline" in stages
+    labels = {"baseline": "supervised only, random init",
+              "finetune": "supervised only, MAE init" if pretrained else "supervised only (fine-tune)",
+              "semi": "Semi-ViT (semi)", "eval": "evaluated checkpoint"}
     for name, s in stages.items():
         if "top1" in s:
             rows.append((labels.get(name, name), fmt(s.get("top1")), fmt(s.get("teacher_top1"))))

@@ -56,8 +56,8 @@ def run_plan(plan: RunPlan, run_dir: Path) -> dict:
         summary, carry = run_stage(name, cfg, rt, run_dir, carry)
         results["stages"][name] = summary
         if rt.is_main:
-            teacher = f", teacher top-1 {summary['teacher_top1']:.2f}%" if "teacher_top1" in summary else ""
-            print(f"[{name}] top-1 {summary['top1']:.2f}%{teacher}")
+            print(f"[{name}] " + ", ".join(f"{k} {summary[k]:.4g}" for k in ("top1", "teacher_top1", "recon_loss")
+                                           if k in summary))
     results["wall_seconds"] = round(time.perf_counter() - t0, 2)
     if rt.is_main:
         export(plan, carry, run_dir)

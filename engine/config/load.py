@@ -123,7 +123,10 @@ def load_plan(path: str | Path, overrides: list[tuple[str, str]] = ()) -> RunPla
     base = build_dataclass(Config, tree)
     stages = {}
     for name in base.run.stages:
-        merged = deep_merge(tree, stage_tables.get(name, {}))
+        merged = tree
+        if name == "baseline":  # the comparison run is the fine-tune recipe, from random weights
+            merged = deep_merge(merged, stage_tables.get("finetune", {}))
+        merged = deep_merge(merged, stage_tables.get(name, {}))
         try:
             stages[name] = build_dataclass(Config, merged)
         except ConfigError as err:

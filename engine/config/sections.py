@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 
 from engine.errors import ConfigError
 
-STAGES = ("pretrain", "finetune", "semi", "eval")
+# "baseline" is a supervised fine-tune from random weights on the same labels, run only for comparison:
+# it uses the finetune stage's settings and hands nothing on.
+STAGES = ("baseline", "pretrain", "finetune", "semi", "eval")
 
 
 def one_of(key: str, value: str, choices: tuple[str, ...]) -> None:

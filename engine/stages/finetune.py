@@ -10,9 +10,8 @@ from kernels import soft_target_cross_entropy
 
 
 class FinetuneStage:
-    name = "finetune"
-
-    def __init__(self, cfg: Config, data, student: nn.Module, forward_model: nn.Module):
+    def __init__(self, cfg: Config, data, student: nn.Module, forward_model: nn.Module, name: str = "finetune"):
+        self.name = name  # "baseline": the same recipe from random weights, for comparison
         self.cfg, self.data = cfg, data
         self.student, self.forward_model = student, forward_model
         self.ema = EmaTeacher(student, cfg.ema.decay) if cfg.ema.enabled else None

@@ -84,7 +84,7 @@ def run_training(stage: TrainStage, cfg: Config, rt: Runtime, run_dir: Path, for
     logger = MetricLogger(run_dir, rt, cfg.logging, stage.name)
     folder = run_dir / "checkpoints"
     skipped = torch.zeros((), device=rt.device)
-    best = {"score": -1.0}
+    best = {"score": -math.inf}
     step = 0
     if resume is not None:
         stage.student.load_state_dict(resume["model"])
@@ -117,7 +117,7 @@ def run_training(stage: TrainStage, cfg: Config, rt: Runtime, run_dir: Path, for
         # The teacher is what Semi-ViT deploys, so it picks the best checkpoint when there is one.
         score = metrics.get("score", metrics.get("teacher_top1", metrics.get("top1")))
         if score > best["score"]:
-            best.update(score=score, step=step_now, **metrics)
+            best.update({**metrics, "score": score, "step": step_now})
             if rt.is_main:
                 ckpt.atomic_save({"stage_name": stage.name, "model": stage.student.state_dict(),
                                   "stage": stage.state_dict(), "metrics": metrics},
@@ -142,8 +142,8 @@ def run_training(stage: TrainStage, cfg: Config, rt: Runtime, run_dir: Path, for
                 bar.update(1)
                 log_now = step % cfg.logging.every_steps == 0 or step == total_steps
                 if log_now:  # the only host sync of the loop
-                    record = logger.flush(step, step / steps_per_epoch, {"lr": lr, "skipped": float(skipped)})
-                    record = stage.derive(record)
+                    record = logger.flush(step, step / steps_per_epoch, {"lr": lr, "skipped": float(skipped)},
+                                          derive=stage.derive)
                     bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}")
                     check_nonfinite(record["skipped"], cfg, save, step)
                     if rt.distributed:

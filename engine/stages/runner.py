@@ -6,6 +6,7 @@ already finished (its `<stage>-final.pt` exists) is skipped on `--checkpoint.res
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -16,13 +17,16 @@ from engine import checkpoint as ckpt
 from engine.config import Config
 from engine.errors import UserError
 from engine.models.build import build_model, init_from_checkpoint, load_weights
+from engine.models.mae import build_mae
 from engine.runtime import Runtime, seed_everything
 from engine.stages.evaluate import evaluate_models
 from engine.stages.finetune import FinetuneStage
 from engine.stages.loop import run_training
+from engine.stages.pretrain import PretrainStage
 from engine.stages.semi import SemiStage
 
-STREAMS = {"finetune": ("labelled", "evaluation"), "semi": ("labelled", "unlabelled", "evaluation"),
+STREAMS = {"pretrain": ("pretrain", "evaluation"), "finetune": ("labelled", "evaluation"),
+           "baseline": ("labelled", "evaluation"), "semi": ("labelled", "unlabelled", "evaluation"),
            "eval": ("evaluation",)}
 
 
@@ -50,10 +54,10 @@ def wrap_for_training(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
     return forward
 
 
-def build_student(cfg: Config, rt: Runtime, carry: dict | None) -> tuple[nn.Module, dict | None]:
+def build_student(name: str, cfg: Config, rt: Runtime, carry: dict | None) -> tuple[nn.Module, dict | None]:
     """The stage's starting weights: the previous stage's, else model.init, else a fresh init."""
     seed_everything(cfg.run.seed)  # identical init on every rank
-    model = build_model(cfg.model)
+    model = build_mae(cfg.model, cfg.mae) if name == "pretrain" else build_model(cfg.model)
     teacher_state = None
     if carry is not None:
         load_weights(model, carry["model"], "the previous stage", verbose=rt.is_main)
@@ -70,16 +74,29 @@ def run_stage(name: str, cfg: Config, rt: Runtime, run_dir: Path, carry: dict | 
         done = ckpt.safe_load(final_path)
         if rt.is_main:
             print(f"[{name}] already finished in this run folder: skipping (delete {final_path} to rerun)")
+        if name == "baseline":
+            return done["result"], carry
         return done["result"], {k: done[k] for k in ("model", "ema") if k in done}
     if name == "eval":
         return run_eval(cfg, rt, carry), carry or {}
 
+    if name == "baseline":  # from random weights; the next stage starts from what came before it
+        summary, _ = train_stage(name, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="")),
+                                 rt, run_dir, None)
+        return summary, carry
+    return train_stage(name, cfg, rt, run_dir, carry)
+
+
+def train_stage(name: str, cfg: Config, rt: Runtime, run_dir: Path, carry: dict | None) -> tuple[dict, dict]:
+    folder = run_dir / "checkpoints"
     data = stage_data(cfg, rt, name)
-    student, teacher_state = build_student(cfg, rt, carry)
+    student, teacher_state = build_student(name, cfg, rt, carry)
     seed_everything(cfg.run.seed + 1000 * rt.rank)  # per-rank randomness for mixup and drop-path
     forward = wrap_for_training(student, cfg, rt)
-    if name == "finetune":
-        stage = FinetuneStage(cfg, data, student, forward)
+    if name == "pretrain":
+        stage = PretrainStage(cfg, data, student, forward, viz_dir=run_dir)
+    elif name in ("finetune", "baseline"):
+        stage = FinetuneStage(cfg, data, student, forward, name=name)
     else:
         stage = SemiStage(cfg, data, student, forward, teacher_state)
         if teacher_state is None and rt.is_main:
@@ -90,7 +107,7 @@ def run_stage(name: str, cfg: Config, rt: Runtime, run_dir: Path, carry: dict | 
                "steps": result["steps"], "lr": result["lr"], "global_batch": result["global_batch"]}
     handoff = stage.handoff
     if rt.is_main:
-        ckpt.atomic_save({"stage_name": name, "result": summary, **handoff}, final_path)
+        ckpt.atomic_save({"stage_name": name, "result": summary, **handoff}, folder / f"{name}-final.pt")
     rt.barrier()
     return summary, handoff
 
