@@ -7,6 +7,7 @@ import torch
 from engine.config import Config, RunPlan
 from engine.errors import UserError
 from engine.models.build import build_model
+from engine.models.mae import build_mae
 from engine.models.flops import forward_gflops, param_count
 from engine.optim import absolute_lr
 from engine.runtime import env_world
@@ -16,20 +17,21 @@ def stage_summary(name: str, cfg: Config) -> list[str]:
     _, env_world_size, _ = env_world()
     world = env_world_size if env_world_size > 1 else cfg.dist.world_size
     with torch.device("meta"):
-        model = build_model(cfg.model)
+        model = build_mae(cfg.model, cfg.mae) if name == "pretrain" else build_model(cfg.model)
     params = param_count(model)
     gflops = forward_gflops(model, cfg.model.img_size)
     accum = cfg.optim.accum_steps
     labelled = cfg.data.batch_size * world * accum
     unlabelled = cfg.semi.mu * labelled if name == "semi" else 0
     lr = absolute_lr(cfg.optim, labelled)
+    what = (f"MAE, mask ratio {cfg.mae.mask_ratio}, decoder {cfg.mae.decoder_depth} x {cfg.mae.decoder_dim}"
+            if name == "pretrain" else f"{cfg.model.global_pool} pool")
     lines = [
-        f"[{name}] model {cfg.model.arch} @ {cfg.model.img_size}px, {cfg.model.global_pool} pool, "
-        f"attention {cfg.model.attn_backend}",
+        f"[{name}] model {cfg.model.arch} @ {cfg.model.img_size}px, {what}, attention {cfg.model.attn_backend}",
         f"  parameters        {params / 1e6:,.2f} M",
         f"  forward GFLOPs    {gflops:,.2f} per image",
         f"  processes         {world}  (data.batch_size {cfg.data.batch_size} x accum {accum} per process)",
-        f"  labelled batch    {labelled} global",
+        f"  {'image batch' if name == 'pretrain' else 'labelled batch':<18}{labelled} global",
     ]
     if name == "semi":
         lines.append(f"  unlabelled batch  {unlabelled} global (mu = {cfg.semi.mu}), tau = {cfg.semi.threshold}, "

@@ -80,4 +80,7 @@ def write_report(run_dir: Path, results: dict) -> None:
     for name, (kind, keys, ylabel) in PLOTS.items():
         if plot(rows, kind, keys, ylabel, run_dir / f"{name}.png"):
             parts += [f"## {name.replace('_', ' ')}", "", f"![{name}]({name}.png)", ""]
+    if (run_dir / "reconstruction.png").is_file():  # written by the MAE stage's last evaluation
+        parts += ["## MAE reconstruction", "", "Rows: masked input, reconstruction (visible patches pasted back), "
+                  "original.", "", "![reconstruction](reconstruction.png)", ""]
     (run_dir / "report.md").write_text("\n".join(parts))

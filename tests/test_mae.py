@@ -257,7 +257,7 @@ def test_pretrain_stage(tmp_path, one_thread):
     assert mae.training  # evaluation restores the mode
     second = stage.evaluate(rt)
     assert first["recon_loss"] == second["recon_loss"] > 0 and first["score"] == -first["recon_loss"]  # fixed masks
-    assert (tmp_path / "pretrain-recon-000.png").stat().st_size > 1000
+    assert (tmp_path / "reconstruction.png").stat().st_size > 1000
     assert stage.handoff["model"].keys() == encoder_state_dict(mae).keys()
     assert stage.state_dict() == {}
 

@@ -23,6 +23,15 @@ from engine.config.tree import Config, build_dataclass, field_type, to_dict, unk
 from engine.errors import ConfigError, UserError
 
 
+# Defaults that differ by stage sit beneath the file (file and command line still win). MAE
+# pre-training: AdamW betas (0.9, 0.95), base lr 1.5e-4, no layer decay, 40 warm-up epochs, crops
+# of 20-100 % of the image.
+STAGE_DEFAULTS = {
+    "pretrain": {"optim": {"blr": 1.5e-4, "betas": [0.9, 0.95], "layer_decay": 1.0},
+                 "schedule": {"warmup_epochs": 40.0}, "augment": {"crop_scale": [0.2, 1.0]}},
+}
+
+
 @dataclass
 class RunPlan:
     """What one invocation will do: the resolved config of every stage, in order."""
@@ -30,12 +39,20 @@ class RunPlan:
     source: str  # the config file it came from
     base: Config  # top-level sections (no stage overrides)
     stages: dict[str, Config]  # stage name -> resolved config, in run order
-    stage_overrides: dict  # the raw [stages.*] tables, kept for the written config.toml
 
     def to_toml(self) -> str:
+        """Every value spelled out: the base tree, then per stage only what differs from it, so that
+        loading the file gives back exactly these stage configs."""
         tree = to_dict(self.base)
-        if self.stage_overrides:
-            tree["stages"] = self.stage_overrides
+        tables = {}
+        # the baseline is written relative to the fine-tune table it is loaded on top of
+        for name, cfg in sorted(self.stages.items(), key=lambda item: item[0] == "baseline"):
+            beneath = deep_merge(tree, tables.get("finetune", {})) if name == "baseline" else tree
+            diff = dict_diff(to_dict(cfg), beneath)
+            if diff:
+                tables[name] = diff
+        if tables:
+            tree["stages"] = tables
         return dump_toml(tree)
 
 
@@ -56,6 +73,19 @@ def deep_merge(base: dict, over: dict) -> dict:
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)
+    return out
+
+
+def dict_diff(new: dict, old: dict) -> dict:
+    """The parts of `new` that differ from `old` (nested)."""
+    out = {}
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(old.get(key), dict):
+            sub = dict_diff(value, old[key])
+            if sub:
+                out[key] = sub
+        elif old.get(key) != value:
+            out[key] = value
     return out
 
 
@@ -123,7 +153,7 @@ def load_plan(path: str | Path, overrides: list[tuple[str, str]] = ()) -> RunPla
     base = build_dataclass(Config, tree)
     stages = {}
     for name in base.run.stages:
-        merged = tree
+        merged = deep_merge(STAGE_DEFAULTS.get(name, {}), tree)
         if name == "baseline":  # the comparison run is the fine-tune recipe, from random weights
             merged = deep_merge(merged, stage_tables.get("finetune", {}))
         merged = deep_merge(merged, stage_tables.get(name, {}))
@@ -132,7 +162,7 @@ def load_plan(path: str | Path, overrides: list[tuple[str, str]] = ()) -> RunPla
         except ConfigError as err:
             # Name the stage table when the bad value came from it.
             raise (err.under(f"stages.{name}") if _from_stage(err.key, stage_tables.get(name, {})) else err)
-    return RunPlan(source=str(path), base=base, stages=stages, stage_overrides=stage_tables)
+    return RunPlan(source=str(path), base=base, stages=stages)
 
 
 def _from_stage(key: str, table: dict) -> bool:

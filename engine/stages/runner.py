@@ -7,6 +7,7 @@ already finished (its `<stage>-final.pt` exists) is skipped on `--checkpoint.res
 from __future__ import annotations
 
 import dataclasses
+import time
 from pathlib import Path
 
 import torch
@@ -102,9 +103,11 @@ def train_stage(name: str, cfg: Config, rt: Runtime, run_dir: Path, carry: dict 
         if teacher_state is None and rt.is_main:
             print("[semi] no EMA in the starting checkpoint: the teacher starts as a copy of the student")
     resume = find_resume(cfg, folder, name)
+    t0 = time.perf_counter()
     result = run_training(stage, cfg, rt, run_dir, forward, resume)
     summary = {**result["final"], "best_score": result["best"]["score"], "best_step": result["best"].get("step"),
-               "steps": result["steps"], "lr": result["lr"], "global_batch": result["global_batch"]}
+               "steps": result["steps"], "lr": result["lr"], "global_batch": result["global_batch"],
+               "seconds": round(time.perf_counter() - t0, 2)}
     handoff = stage.handoff
     if rt.is_main:
         ckpt.atomic_save({"stage_name": name, "result": summary, **handoff}, folder / f"{name}-final.pt")

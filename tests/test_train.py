@@ -1,0 +1,261 @@
+"""The training stages end to end on the digits demo, kept to a few steps each."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from engine import checkpoint as ckpt
+from engine.config import load_plan
+from engine.errors import Interrupted, UserError
+from engine.runtime import Runtime
+from engine.session import run_plan
+from engine.stages import loop as loop_mod
+from engine.stages.common import EmaTeacher
+from engine.stages.runner import build_student, stage_data, wrap_for_training
+from engine.stages.semi import SemiStage
+from engine.train import main
+from kernels import soft_target_cross_entropy_reference
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO = ROOT / "configs" / "digits.toml"
+FAST = [("logging.progress", "false"), ("logging.tensorboard", "true"), ("run.threads", "1")]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def plan_with(*overrides, stages="finetune,semi"):
+    return load_plan(DEMO, [("run.stages", stages), *FAST, *overrides])
+
+
+def test_short_demo_writes_the_whole_run_folder(tmp_path):
+    out = tmp_path / "run"
+    code = main(["--out", str(out), "--schedule.max_steps", "4", "--logging.every_steps", "2",
+                 "--logging.progress", "false", "--run.threads", "1"])
+    assert code == 0
+    for name in ("config.toml", "metrics.jsonl", "report.md", "results.json", "model.safetensors",
+                 "accuracy.png", "loss.png", "mask_rate.png", "reconstruction.png"):
+        assert (out / name).is_file(), name
+    assert any((out / "tensorboard").iterdir())
+    results = json.loads((out / "results.json").read_text())
+    stages = results["stages"]
+    assert set(stages) == {"baseline", "pretrain", "finetune", "semi"}
+    for name in ("finetune", "semi"):
+        assert 0.0 <= stages[name]["top1"] <= 100.0 and 0.0 <= stages[name]["teacher_top1"] <= 100.0
+    assert stages["pretrain"]["recon_loss"] > 0
+    assert results["wall_seconds"] > 0
+    for stage in ("baseline", "pretrain", "finetune", "semi"):
+        assert (out / "checkpoints" / f"{stage}-final.pt").is_file()
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    semi_train = [r for r in rows if r["stage"] == "semi" and r["kind"] == "train"]
+    assert semi_train and {"loss_x", "loss_u", "mask_rate", "lr", "img_per_s", "pl_precision", "pl_recall"} \
+        <= set(semi_train[-1])
+    report = (out / "report.md").read_text()
+    assert "Semi-ViT" in report and "accuracy.png" in report and "reconstruction.png" in report
+    # the written config reproduces the plan
+    assert load_plan(out / "config.toml").stages == load_plan(DEMO, [("schedule.max_steps", "4"),
+                                                                   ("logging.every_steps", "2"),
+                                                                   ("logging.progress", "false"),
+                                                                   ("run.threads", "1")]).stages
+
+
+def test_ema_teacher_moves_by_exactly_one_minus_decay():
+    student = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.LayerNorm(4)).double()
+    ema = EmaTeacher(student, decay=0.9)
+    with torch.no_grad():
+        for p in student.parameters():
+            p.add_(torch.randn_like(p))
+    before = {k: v.clone() for k, v in ema.module.state_dict().items()}
+    ema.update()
+    for (k, t), s in zip(ema.module.state_dict().items(), student.state_dict().values()):
+        torch.testing.assert_close(t - before[k], 0.1 * (s - before[k]), rtol=0, atol=1e-12)
+    assert not any(p.requires_grad for p in ema.module.parameters())
+
+
+def _semi_stage(plan_overrides=(), teacher_from=None):
+    plan = plan_with(*plan_overrides, stages="semi")
+    cfg = plan.stages["semi"]
+    rt = Runtime(device=torch.device("cpu"), dtype=None)
+    data = stage_data(cfg, rt, "semi")
+    student, _ = build_student("semi", cfg, rt, None)
+    return SemiStage(cfg, data, student, wrap_for_training(student, cfg, rt), teacher_state=teacher_from), cfg
+
+
+def test_semi_teacher_starts_from_the_finetune_ema():
+    plan = plan_with(stages="semi")
+    cfg = plan.stages["semi"]
+    rt = Runtime(device=torch.device("cpu"), dtype=None)
+    ema_source, _ = build_student("semi", cfg, rt, None)
+    with torch.no_grad():
+        for p in ema_source.parameters():
+            p.mul_(0.5)
+    stage, _ = _semi_stage(teacher_from=ema_source.state_dict())
+    for t, e in zip(stage.teacher.state_dict().values(), ema_source.state_dict().values()):
+        assert torch.equal(t, e)
+    key = "blocks.0.attn.qkv.weight"  # the student is the fresh init, the teacher half of it
+    torch.testing.assert_close(stage.teacher.state_dict()[key], 0.5 * stage.student.state_dict()[key])
+
+
+def test_semi_loss_is_loss_x_plus_lambda_u_times_masked_loss_u():
+    torch.manual_seed(0)
+    stage, cfg = _semi_stage([("semi.pseudo_mixup", "false"), ("semi.threshold", "0.15"),
+                              ("semi.lambda_u", "3.0")])
+    stage.student.eval()  # no drop-path noise so the check can recompute the forward
+    batch = next(stage.batches(0, 0))
+    (x, y), (u_weak, u_strong, u_true) = batch
+    loss, metrics, n = stage.loss(batch)
+    with torch.no_grad():
+        probs = stage.teacher(u_weak).softmax(-1)
+        p, y_hat = probs.max(-1)
+        mask = (p >= 0.15).float()
+        logits = stage.student(torch.cat([x, u_strong]))
+        ones_x = torch.ones(x.shape[0])
+        loss_x = soft_target_cross_entropy_reference(logits[: x.shape[0]], y, y, ones_x, smoothing=0.1)
+        loss_u = soft_target_cross_entropy_reference(logits[x.shape[0]:], y_hat, y_hat, torch.ones_like(p),
+                                                     mask=mask, smoothing=cfg.semi.smoothing)
+    torch.testing.assert_close(loss.detach(), loss_x + 3.0 * loss_u, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(metrics["raw_mask_rate"], mask.mean())
+    assert n == x.shape[0] + u_strong.shape[0]
+
+
+def _final_weights(out: Path, stage: str) -> dict:
+    return ckpt.safe_load(out / "checkpoints" / f"{stage}-final.pt")["model"]
+
+
+def test_resume_reproduces_an_uninterrupted_run_bit_for_bit(tmp_path):
+    common = [("schedule.max_steps", "7"), ("stages.finetune.checkpoint.every_epochs", "1"),
+              ("logging.every_steps", "1")]
+    straight = tmp_path / "straight"
+    run_plan(plan_with(*common, stages="finetune"), straight)
+    # The same run cut at step 4 (mid-epoch: 3 steps per epoch), then resumed from its checkpoint.
+    cut = tmp_path / "cut"
+    run_plan(plan_with(("schedule.max_steps", "4"), *common[1:], stages="finetune"), cut)
+    (cut / "checkpoints" / "finetune-final.pt").unlink()
+    assert ckpt.list_checkpoints(cut / "checkpoints", "finetune")[-1].name.endswith("s000004.pt")
+    run_plan(plan_with(*common, ("checkpoint.resume", "auto"), stages="finetune"), cut)
+    a, b = _final_weights(straight, "finetune"), _final_weights(cut, "finetune")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_rolling_checkpoints_keep_the_newest_and_ignore_partial_files(tmp_path):
+    out = tmp_path / "r"
+    run_plan(plan_with(("schedule.max_steps", "9"), ("stages.finetune.checkpoint.every_epochs", "1"),
+                       ("checkpoint.keep", "2"), stages="finetune"), out)
+    names = [p.name for p in ckpt.list_checkpoints(out / "checkpoints", "finetune")]
+    assert names == ["finetune-e0002-s000006.pt", "finetune-e0003-s000009.pt"]
+    # a save that died midway leaves only a temporary file, which is never picked up
+    (out / "checkpoints" / ".finetune-e0004-s000012.pt.tmp").write_bytes(b"partial")
+    (out / "checkpoints" / "finetune-e0005-s000015.pt").write_bytes(b"truncated")  # damaged newest
+    path, state = ckpt.newest_valid(out / "checkpoints", "finetune")
+    assert path.name == "finetune-e0003-s000009.pt" and state["step"] == 9
+
+
+def test_nonfinite_loss_skips_the_step_then_stops(tmp_path, monkeypatch):
+    real_step = loop_mod.optimizer_step
+    calls = {"n": 0}
+
+    def poisoned(stage, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:  # make this step's loss NaN
+            original = stage.loss
+            stage.loss = lambda batch: (lambda out: (out[0] * float("nan"), out[1], out[2]))(original(batch))
+            try:
+                return real_step(stage, *args, **kwargs)
+            finally:
+                stage.loss = original
+        return real_step(stage, *args, **kwargs)
+
+    monkeypatch.setattr(loop_mod, "optimizer_step", poisoned)
+    out = tmp_path / "nan"
+    run_plan(plan_with(("schedule.max_steps", "4"), ("logging.every_steps", "1"), stages="finetune"), out)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    train = [r for r in rows if r["kind"] == "train"]
+    assert [r["skipped"] for r in train] == [0.0, 1.0, 1.0, 1.0]
+    calls["n"] = 0
+    with pytest.raises(UserError, match="non-finite"):
+        run_plan(plan_with(("schedule.max_steps", "4"), ("logging.every_steps", "1"),
+                           ("logging.nonfinite", "stop"), stages="finetune"), tmp_path / "stop")
+    assert ckpt.list_checkpoints(tmp_path / "stop" / "checkpoints", "finetune")  # last good state saved
+
+
+def test_sigterm_finishes_the_step_saves_and_exits(tmp_path, monkeypatch):
+    real_step = loop_mod.optimizer_step
+    calls = {"n": 0}
+
+    def signalling(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(loop_mod, "optimizer_step", signalling)
+    out = tmp_path / "sig"
+    with pytest.raises(Interrupted):
+        run_plan(plan_with(("schedule.max_steps", "6"), stages="finetune"), out)
+    saved = ckpt.list_checkpoints(out / "checkpoints", "finetune")
+    assert saved and ckpt.safe_load(saved[-1])["step"] == 2
+
+
+def test_no_host_sync_inside_the_training_step(monkeypatch):
+    """.item(), .tolist(), bool() and float() on tensors are forbidden inside optimizer_step."""
+    stage, cfg = _semi_stage()
+    forbidden = {"on": False}
+
+    def guard(name):
+        original = getattr(torch.Tensor, name)
+
+        def wrapped(self, *a, **k):
+            if forbidden["on"]:
+                raise AssertionError(f"host sync: Tensor.{name} inside the training step")
+            return original(self, *a, **k)
+        return wrapped
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
+        monkeypatch.setattr(torch.Tensor, name, guard(name))
+    from engine.metrics import MetricLogger
+    from engine.optim import build_optimizer
+
+    rt = Runtime(device=torch.device("cpu"), dtype=None)
+    logger = MetricLogger.__new__(MetricLogger)
+    logger.sums, logger.steps, logger.images = {}, 0, 0
+    optimizer = build_optimizer(stage.student, cfg.optim, 1e-3)
+    params = [p for p in stage.student.parameters() if p.requires_grad]
+    batches = stage.batches(0, 0)
+    for _ in range(2):
+        forbidden["on"] = True
+        try:
+            finite = loop_mod.optimizer_step(stage, stage.forward_model, optimizer, params, batches, cfg, rt, logger)
+            stage.after_step()
+        finally:
+            forbidden["on"] = False
+        assert bool(finite)
+
+
+def test_torchrun_two_processes_on_cpu(tmp_path):
+    """DDP over gloo: two ranks shard the data, agree on the result and write one run folder."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+           "-m", "engine.train", "--out", str(out), "--run.stages", "finetune,semi", "--schedule.max_steps", "2",
+           "--logging.progress", "false", "--run.threads", "1", "--data.batch_size", "8"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads((out / "results.json").read_text())
+    assert results["stages"]["semi"]["global_batch"] == 16  # 8 per rank x 2 ranks
+    assert (out / "checkpoints" / "semi-final.pt").is_file()
