@@ -61,6 +61,8 @@ def comparison_table(results: dict) -> str:
               "finetune": "supervised only, MAE init" if pretrained else "supervised only (fine-tune)",
               "semi": "Semi-ViT (semi)", "eval": "evaluated checkpoint"}
     for name, s in stages.items():
+        if "recon_loss" in s:
+            rows.append(("MAE pre-training: masked recon. loss", f"{s['recon_loss']:.4f}", ""))
         if "top1" in s:
             rows.append((labels.get(name, name), fmt(s.get("top1")), fmt(s.get("teacher_top1"))))
     if "finetune" in stages and "semi" in stages:

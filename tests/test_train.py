@@ -259,3 +259,18 @@ def test_torchrun_two_processes_on_cpu(tmp_path):
     results = json.loads((out / "results.json").read_text())
     assert results["stages"]["semi"]["global_batch"] == 16  # 8 per rank x 2 ranks
     assert (out / "checkpoints" / "semi-final.pt").is_file()
+
+
+def test_eval_stage_scores_a_checkpoint_like_training_did(tmp_path, capsys):
+    out = tmp_path / "train"
+    run_plan(plan_with(("schedule.max_steps", "3"), stages="finetune"), out)
+    trained = json.loads((out / "results.json").read_text())["stages"]["finetune"]
+    final = out / "checkpoints" / "finetune-final.pt"
+    code = main(["--out", str(tmp_path / "eval"), "--run.stages", "eval", "--eval.checkpoint", str(final),
+                 "--logging.progress", "false"])
+    assert code == 0
+    scored = json.loads((tmp_path / "eval" / "results.json").read_text())["stages"]["eval"]
+    assert scored["top1"] == pytest.approx(trained["top1"])
+    assert scored["teacher_top1"] == pytest.approx(trained["teacher_top1"])
+    assert main(["--run.stages", "eval", "--eval.checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert "not found" in capsys.readouterr().err
