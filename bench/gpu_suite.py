@@ -97,8 +97,10 @@ def forward_throughput(arch: str, img: int, device, dtype, batch: int, iters: in
             "gflops_per_img": forward_gflops(model, img)}
 
 
-class _Sink:
-    def accumulate(self, metrics, images):  # the training step reports here; nothing to record
+class MetricSink:
+    """Takes the training step's metrics and records nothing (timing runs only)."""
+
+    def accumulate(self, metrics, images):
         pass
 
 
@@ -131,7 +133,7 @@ def semi_step(arch: str, img: int, device, dtype, b: int, mu: int, iters: int, p
     peak_reset(device)
 
     def step():
-        optimizer_step(stage, student, optimizer, params, batches, cfg, rt, _Sink())
+        optimizer_step(stage, student, optimizer, params, batches, cfg, rt, MetricSink())
         stage.after_step()
 
     seconds = timed(step, device, warmup=3, iters=iters)

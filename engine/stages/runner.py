@@ -125,6 +125,10 @@ def find_resume(cfg: Config, folder: Path, name: str) -> dict | None:
     state = ckpt.safe_load(how)
     if state.get("stage_name") != name:
         return None  # a checkpoint of another stage: this stage starts fresh
+    if "optimizer" not in state:
+        raise UserError(f"checkpoint.resume: '{how}' holds weights only (a final or best checkpoint), not a "
+                        f"resumable state: start from it with --model.init {how}, or resume from a "
+                        f"{name}-eNNNN-sNNNNNN.pt file")
     return state
 
 
