@@ -274,3 +274,27 @@ def test_eval_stage_scores_a_checkpoint_like_training_did(tmp_path, capsys):
     assert scored["teacher_top1"] == pytest.approx(trained["teacher_top1"])
     assert main(["--run.stages", "eval", "--eval.checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_imagefolder_finetune_and_semi_end_to_end(tmp_path):
+    """The ImageNet path (folders of JPEGs, DataLoader workers, torchvision transforms) through the trainer."""
+    from PIL import Image
+
+    rng = torch.Generator().manual_seed(0)
+    for split, count in (("train", 12), ("val", 3)):
+        for c in range(3):
+            folder = tmp_path / "data" / split / f"class{c}"
+            folder.mkdir(parents=True)
+            for i in range(count):
+                pixels = (torch.rand(24, 24, 3, generator=rng) * 80 + 60 * c).clamp(0, 255).byte().numpy()
+                Image.fromarray(pixels).save(folder / f"img{i:02d}.jpg")
+    out = tmp_path / "run"
+    code = main(["--cfg", str(ROOT / "configs" / "b16_10pct.toml"), "--out", str(out),
+                 "--run.stages", "finetune,semi", "--model.init", "", "--model.arch", "vit_tiny_patch16",
+                 "--model.img_size", "32", "--model.num_classes", "3", "--data.root", str(tmp_path / "data"),
+                 "--data.labelled_index", "", "--data.unlabelled_index", "", "--data.labels_per_class", "4",
+                 "--data.batch_size", "2", "--data.num_workers", "1", "--data.eval_batch_size", "4",
+                 "--schedule.max_steps", "2", "--logging.progress", "false", "--run.threads", "1"])
+    assert code == 0
+    stages = json.loads((out / "results.json").read_text())["stages"]
+    assert stages["semi"]["global_batch"] == 2 and "teacher_top1" in stages["semi"]
