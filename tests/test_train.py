@@ -298,3 +298,12 @@ def test_imagefolder_finetune_and_semi_end_to_end(tmp_path):
     assert code == 0
     stages = json.loads((out / "results.json").read_text())["stages"]
     assert stages["semi"]["global_batch"] == 2 and "teacher_top1" in stages["semi"]
+
+
+def test_compile_switch_wraps_the_forward_but_not_the_weights():
+    cfg = plan_with(("run.compile", "true"), stages="finetune").stages["finetune"]
+    rt = Runtime(device=torch.device("cpu"), dtype=None)
+    student, _ = build_student("finetune", cfg, rt, None)
+    forward = wrap_for_training(student, cfg, rt)
+    assert forward is not student and getattr(forward, "_orig_mod", None) is student
+    assert not any(k.startswith("_orig_mod") for k in student.state_dict())  # checkpoints stay loadable
