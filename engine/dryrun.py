@@ -29,7 +29,7 @@ def stage_summary(name: str, cfg: Config) -> list[str]:
     lines = [
         f"[{name}] model {cfg.model.arch} @ {cfg.model.img_size}px, {what}, attention {cfg.model.attn_backend}",
         f"  parameters        {params / 1e6:,.2f} M",
-        f"  forward GFLOPs    {gflops:,.2f} per image",
+        f"  forward GFLOPs    {gflops:.4g} per image",
         f"  processes         {world}  (data.batch_size {cfg.data.batch_size} x accum {accum} per process)",
         f"  {'image batch' if name == 'pretrain' else 'labelled batch':<18}{labelled} global",
     ]
