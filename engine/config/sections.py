@@ -254,5 +254,7 @@ class MaeConfig:
     def __post_init__(self):
         check(0.0 < self.mask_ratio < 1.0, "mask_ratio", f"must be in (0, 1), got {self.mask_ratio}")
         check(self.decoder_dim > 0 and self.decoder_depth > 0, "decoder_dim", "decoder width and depth must be > 0")
+        check(self.decoder_dim % 4 == 0, "decoder_dim",
+              f"must be divisible by 4 (2-D sin-cos positions), got {self.decoder_dim}")
         check(self.decoder_heads > 0 and self.decoder_dim % self.decoder_heads == 0, "decoder_heads",
               f"must divide decoder_dim={self.decoder_dim}, got {self.decoder_heads}")

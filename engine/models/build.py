@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import difflib
+
 import torch
 
 from engine.checkpoint import safe_load
@@ -10,22 +12,33 @@ from engine.errors import ConfigError, UserError
 from engine.models.vit import ARCHS, VisionTransformer, build_vit, load_vit_state_dict
 
 
-def build_model(m: ModelConfig) -> VisionTransformer:
+def arch_spec(m: ModelConfig) -> dict:
+    """ARCHS[m.arch], after checking the architecture exists and the image tiles into its patches."""
     if m.arch not in ARCHS:
-        import difflib
-
         near = difflib.get_close_matches(m.arch, list(ARCHS), n=1)
         hint = f"did you mean '{near[0]}'?" if near else f"valid: {', '.join(sorted(ARCHS))}"
         raise ConfigError("model.arch", f"unknown architecture '{m.arch}'; {hint}")
-    if m.img_size % ARCHS[m.arch]["patch_size"]:
+    spec = ARCHS[m.arch]
+    if m.img_size % spec["patch_size"]:
         raise ConfigError("model.img_size", f"{m.img_size} is not a multiple of {m.arch}'s patch size "
-                                            f"{ARCHS[m.arch]['patch_size']}")
+                                            f"{spec['patch_size']}")
+    return spec
+
+
+def backend_checked(build):
+    """Run a model constructor; an attention backend that cannot run here becomes a config error."""
     try:
-        return build_vit(m.arch, img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes,
-                         global_pool=m.global_pool, pos_embed=m.pos_embed, drop_path=m.drop_path,
-                         attn_backend=m.attn_backend, grad_checkpointing=m.grad_checkpointing)
+        return build()
     except RuntimeError as err:  # e.g. xformers requested where it cannot run
         raise ConfigError("model.attn_backend", str(err)) from None
+
+
+def build_model(m: ModelConfig) -> VisionTransformer:
+    arch_spec(m)
+    return backend_checked(lambda: build_vit(
+        m.arch, img_size=m.img_size, in_chans=m.in_chans, num_classes=m.num_classes, global_pool=m.global_pool,
+        pos_embed=m.pos_embed, drop_path=m.drop_path, attn_backend=m.attn_backend,
+        grad_checkpointing=m.grad_checkpointing))
 
 
 def load_weights(model: VisionTransformer, state: dict, source: str, verbose: bool = True) -> dict:

@@ -8,17 +8,15 @@ level exactly as in ``mae_pretrain_vit_*.pth``: ``cls_token``, ``pos_embed``, ``
 
 from __future__ import annotations
 
-import difflib
-
 import torch
 import torch.nn as nn
 from torch.utils.checkpoint import checkpoint
 
 from engine.config import MaeConfig, ModelConfig
-from engine.errors import ConfigError
 
 from .pos_embed import get_2d_sincos_pos_embed
-from .vit import ARCHS, Block, VisionTransformer
+from .build import arch_spec, backend_checked
+from .vit import Block, VisionTransformer
 
 DECODER_KEYS = ("mask_token", "decoder_")  # a state-dict key starting with one of these is not the encoder's
 
@@ -179,24 +177,12 @@ def build_mae(model_cfg: ModelConfig, mae_cfg: MaeConfig) -> MaskedAutoencoder:
     """The encoder size comes from ``model.arch`` (plus img_size, in_chans, attn_backend, grad_checkpointing);
     the decoder and masking from ``mae``. ``model.pos_embed`` / ``global_pool`` / ``num_classes`` /
     ``drop_path`` do not apply to pre-training (MAE: fixed sin-cos positions, class token, no head)."""
-    if model_cfg.arch not in ARCHS:
-        near = difflib.get_close_matches(model_cfg.arch, list(ARCHS), n=1)
-        hint = f"did you mean '{near[0]}'?" if near else f"valid: {', '.join(sorted(ARCHS))}"
-        raise ConfigError("model.arch", f"unknown architecture '{model_cfg.arch}'; {hint}")
-    arch = ARCHS[model_cfg.arch]
-    if model_cfg.img_size % arch["patch_size"]:
-        raise ConfigError("model.img_size", f"{model_cfg.img_size} is not a multiple of {model_cfg.arch}'s "
-                                            f"patch size {arch['patch_size']}")
-    if mae_cfg.decoder_dim % 4:
-        raise ConfigError("mae.decoder_dim", f"must be divisible by 4 (sin-cos positions), got {mae_cfg.decoder_dim}")
-    try:
-        return MaskedAutoencoder(**arch, img_size=model_cfg.img_size, in_chans=model_cfg.in_chans,
-                                 decoder_dim=mae_cfg.decoder_dim, decoder_depth=mae_cfg.decoder_depth,
-                                 decoder_heads=mae_cfg.decoder_heads, mask_ratio=mae_cfg.mask_ratio,
-                                 norm_pix_loss=mae_cfg.norm_pix_loss, attn_backend=model_cfg.attn_backend,
-                                 grad_checkpointing=model_cfg.grad_checkpointing)
-    except RuntimeError as err:  # e.g. xformers requested where it cannot run
-        raise ConfigError("model.attn_backend", str(err)) from None
+    arch = arch_spec(model_cfg)
+    return backend_checked(lambda: MaskedAutoencoder(
+        **arch, img_size=model_cfg.img_size, in_chans=model_cfg.in_chans, decoder_dim=mae_cfg.decoder_dim,
+        decoder_depth=mae_cfg.decoder_depth, decoder_heads=mae_cfg.decoder_heads, mask_ratio=mae_cfg.mask_ratio,
+        norm_pix_loss=mae_cfg.norm_pix_loss, attn_backend=model_cfg.attn_backend,
+        grad_checkpointing=model_cfg.grad_checkpointing))
 
 
 def encoder_state_dict(mae: nn.Module) -> dict[str, torch.Tensor]:
