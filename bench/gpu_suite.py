@@ -6,7 +6,10 @@
    bf16 on synthetic tensors: ViT-B/16 with 16 labelled + 80 unlabelled, ViT-H/14 with 2 + 10; img/s,
    peak memory and MFU = achieved FLOP/s (the model's forward GFLOPs x 3 for the student's forward and
    backward over B + mu B images, + 1 for the teacher's forward over mu B) / the matmul peak measured
-   here on a large bf16 matmul.
+   here on a large bf16 matmul;
+4. the fused kernels (bench.gpu_kernels): each against its reference on the GPU, achieved GB/s against
+   the measured device-to-device copy bandwidth; and the ViT-B/16 semi step with the Triton kernels
+   against the same step with the torch versions (`run.kernels = triton` vs `torch`).
 
 Writes one JSON file (device name, date, versions, every number). `--smoke` runs the same code on the
 CPU with a tiny model, so the script is tested where there is no GPU.
@@ -23,12 +26,14 @@ from pathlib import Path
 
 import torch
 
+from bench import gpu_kernels
 from engine.config import Config, DataConfig, ModelConfig, SemiConfig
 from engine.models import build_vit, forward_gflops
 from engine.optim import build_optimizer
 from engine.runtime import Runtime
 from engine.stages.loop import optimizer_step
 from engine.stages.semi import SemiStage
+from kernels import dispatch
 
 
 def sync(device: torch.device) -> None:
@@ -145,6 +150,24 @@ def semi_step(arch: str, img: int, device, dtype, b: int, mu: int, iters: int, p
             "achieved_tflops": achieved, "mfu": achieved / peak_tflops}
 
 
+def kernels_step_comparison(arch: str, img: int, device, dtype, iters: int, peak: float, smoke: bool) -> dict:
+    """The same semi step with the fused kernels (triton on CUDA; native or torch in smoke mode) and with
+    the torch versions, alternated twice so clocks and caches treat both alike."""
+    fused = "triton" if device.type == "cuda" else "auto"
+    rows: dict[str, list[float]] = {fused: [], "torch": []}
+    for _ in range(2):
+        for backend in rows:
+            dispatch.set_default(backend)
+            try:
+                rows[backend].append(semi_step(arch, img, device, dtype, b=16, mu=5, iters=iters,
+                                               peak_tflops=peak)["step_ms"])
+            finally:
+                dispatch.set_default("auto")
+    best = {k: min(v) for k, v in rows.items()}
+    return {"arch": arch, "fused_backend": fused, "fused_step_ms": best[fused], "torch_step_ms": best["torch"],
+            "speedup": best["torch"] / best[fused]}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="", help="JSON file (default bench/results/gpu-<device>-<date>.json)")
@@ -165,6 +188,8 @@ def main(argv=None) -> dict:
                          forward_throughput(huge, img, device, dtype, batch=8 if smoke else 64, iters=iters)]
     report["semi_step"] = [semi_step(big, img, device, dtype, b=16, mu=5, iters=iters, peak_tflops=peak),
                            semi_step(huge, img, device, dtype, b=2, mu=5, iters=iters, peak_tflops=peak)]
+    report["kernels"] = gpu_kernels.run(smoke=smoke)
+    report["semi_step_kernels"] = kernels_step_comparison(big, img, device, dtype, iters, peak, smoke)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out or not smoke:

@@ -36,12 +36,35 @@ def stage_summary(name: str, cfg: Config) -> list[str]:
     if name == "semi":
         lines.append(f"  unlabelled batch  {unlabelled} global (mu = {cfg.semi.mu}), tau = {cfg.semi.threshold}, "
                      f"lambda_u = {cfg.semi.lambda_u}, EMA {cfg.ema.decay}")
+        lines.append(f"  fused ops         {trace_semi_ops(cfg)}")
     if name != "eval":
         source = "optim.lr" if cfg.optim.lr > 0 else f"blr {cfg.optim.blr:g} x {labelled}/256"
         lines.append(f"  absolute lr       {lr:.4g}  ({source}), layer decay {cfg.optim.layer_decay}, "
                      f"{cfg.schedule.epochs:g} epochs, warm-up {cfg.schedule.warmup_epochs:g}")
         lines.append(f"  steps per epoch   {steps_per_epoch(name, cfg, world)}")
     return lines
+
+
+def trace_semi_ops(cfg: Config) -> str:
+    """Run the semi step's fused ops on meta tensors of the recipe's per-process shapes (their fake
+    implementations), so a shape or dtype mismatch shows here, not an hour into a GPU job."""
+    import kernels
+
+    b = cfg.data.batch_size
+    u, c, s = cfg.semi.mu * b, cfg.model.num_classes, cfg.model.img_size
+    try:
+        chosen = kernels.dispatch.resolve(cfg.run.kernels, torch.device("meta"))
+    except kernels.KernelUnavailable as err:
+        return f"run.kernels = {cfg.run.kernels}: not traced here ({err})"
+    with torch.device("meta"):
+        prob, label, _ = kernels.pseudo_label(torch.empty(u, c), cfg.semi.threshold, backend=chosen)
+        draws = kernels.draw_mix_randomness(u, s, s, cfg.semi.cutmix_prob, "meta")
+        mixed = kernels.pseudo_mixup(torch.empty(u, cfg.model.in_chans, s, s), prob, label, cfg.semi.threshold,
+                                     draws=draws, backend=chosen)
+        kernels.soft_target_cross_entropy(torch.empty(u, c), mixed.label_a, mixed.label_b, mixed.lam, mixed.mask,
+                                          backend=chosen)
+    return (f"run.kernels = {cfg.run.kernels}: pseudo label, pseudo mixup and soft-target CE traced on meta "
+            f"tensors through the {chosen} ops")
 
 
 def steps_per_epoch(name: str, cfg: Config, world: int) -> str:

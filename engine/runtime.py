@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+import kernels
+
 from engine.config import DistConfig, RunConfig
 from engine.errors import UserError
 
@@ -67,10 +69,21 @@ def setup_runtime(run: RunConfig, dist_cfg: DistConfig) -> Runtime:
         dtype = None
     if run.threads:
         torch.set_num_threads(run.threads)
+    select_kernels(run.kernels, device)
     if world > 1 and not dist.is_initialized():
         backend = dist_cfg.backend if dist_cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
         dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
     return Runtime(device=device, dtype=dtype, rank=rank, world_size=world, local_rank=local)
+
+
+def select_kernels(backend: str, device: torch.device) -> None:
+    """Make `run.kernels` the default of every fused op; an explicit backend that cannot run here
+    stops the run before anything trains (auto always runs: it falls back to torch)."""
+    kernels.dispatch.set_default(backend)
+    try:
+        kernels.dispatch.resolve(backend, device)
+    except kernels.KernelUnavailable as err:
+        raise UserError(f"run.kernels: {err}") from None
 
 
 def seed_everything(seed: int) -> None:

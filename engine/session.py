@@ -6,6 +6,7 @@ import json
 import time
 from pathlib import Path
 
+import kernels
 from engine import checkpoint as ckpt
 from engine.config import Config, RunPlan
 from engine.errors import UserError
@@ -49,6 +50,7 @@ def run_plan(plan: RunPlan, run_dir: Path) -> dict:
         (run_dir / "config.toml").write_text(plan.to_toml())
         print(f"run folder: {run_dir}  (device {rt.device}, {rt.world_size} process(es), "
               f"precision {'bf16 autocast' if rt.dtype else 'fp32'})")
+        print(kernels.dispatch.summary(rt.device))
     rt.barrier()
     results: dict = {"stages": {}}
     carry = None

@@ -1,9 +1,12 @@
 """Hot operations of the Semi-ViT semi-supervised step, one public function each.
 
-Each module holds the plain torch spec (``*_reference``) and the public function that dispatches to
-the fastest implementation available (today: vectorised torch; later Triton / native ops).
+Each module holds the plain torch spec (``*_reference``), the vectorised torch version and the public
+function that dispatches (``kernels.dispatch``) to the Triton kernels (``kernels.triton_ops``, CUDA),
+the native C++ ops (``kernels/csrc``, CPU, built by ``CMakeLists.txt``), torch or the reference.
+``python -m kernels`` prints which one each op uses here; docs/kernels.md has the contract.
 """
 
+from kernels.dispatch import BACKENDS, KernelUnavailable
 from kernels.ema import ema_tensors, ema_update, ema_update_reference
 from kernels.pseudo_label import pseudo_label, pseudo_label_reference
 from kernels.pseudo_mixup import (
@@ -18,6 +21,8 @@ from kernels.pseudo_mixup import (
 from kernels.soft_target_ce import soft_target_cross_entropy, soft_target_cross_entropy_reference
 
 __all__ = [
+    "BACKENDS",
+    "KernelUnavailable",
     "MixDraws",
     "MixedBatch",
     "draw_mix_randomness",

@@ -1,17 +1,19 @@
 """EMA-teacher update: teacher <- decay * teacher + (1 - decay) * student.
 
-Memory-bound (DESIGN.md section 4): the floor is reading teacher and student and writing teacher once,
+Memory-bound (docs/kernels.md): the floor is reading teacher and student and writing teacher once,
 12 bytes per float32 parameter. ``torch._foreach_lerp_`` gets there with a handful of multi-tensor
 launches; the timm ``ModelEma`` loop (``mul_`` then ``add_`` per tensor) moves about 3x the bytes and
 launches ~4 kernels per tensor.
 
-Public API: ``ema_update`` (dispatch), ``ema_update_reference`` (the spec), ``ema_tensors`` (what to pass).
+Public API: ``ema_update`` (dispatch: Triton / native / torch, see ``kernels.dispatch``), ``ema_update_reference`` (the spec), ``ema_tensors`` (what to pass).
 """
 
 from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
+
+from kernels import dispatch
 
 __all__ = ["ema_tensors", "ema_update", "ema_update_reference"]
 
@@ -48,26 +50,44 @@ def ema_update_reference(teacher: list[Tensor], student: list[Tensor], decay: fl
             t.copy_(s)  # integer state (num_batches_tracked) is copied, never averaged
 
 
+def _group(teacher: list[Tensor], student: list[Tensor]):
+    """Float pairs grouped by (device, teacher dtype, student dtype), and the non-float pairs to copy."""
+    groups: dict[tuple, tuple[list[Tensor], list[Tensor]]] = {}
+    copies: list[tuple[Tensor, Tensor]] = []
+    for t, s in zip(teacher, student):
+        if t.is_floating_point():
+            s = s if s.device == t.device else s.to(t.device)
+            ts, ss = groups.setdefault((t.device, t.dtype, s.dtype), ([], []))
+            ts.append(t)
+            ss.append(s)
+        else:
+            copies.append((t, s))
+    return groups, copies
+
+
 @torch.no_grad()
-def ema_update(teacher: list[Tensor], student: list[Tensor], decay: float) -> None:
+def ema_update(teacher: list[Tensor], student: list[Tensor], decay: float, backend: str | None = None) -> None:
     """In place on every tensor of ``teacher``: float tensors are lerped toward ``student`` by
     ``1 - decay``; non-floating tensors are copied from ``student``. No host sync.
 
-    Tensors are grouped by (device, dtype) so each group is one ``_foreach_lerp_`` call.
+    Tensors are grouped by (device, dtype); each group is one call: a single Triton launch on CUDA,
+    one OpenMP pass over every tensor natively on CPU, or one ``_foreach_lerp_`` with ``torch``.
+    ``backend``: see ``kernels.dispatch`` (None = the process default, ``run.kernels``).
     """
     _check(teacher, student, decay)
-    groups: dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[Tensor]]] = {}
-    copy_t: list[Tensor] = []
-    copy_s: list[Tensor] = []
-    for t, s in zip(teacher, student):
-        if t.is_floating_point():
-            ts, ss = groups.setdefault((t.device, t.dtype), ([], []))
-            ts.append(t)
-            ss.append(s if s.dtype == t.dtype and s.device == t.device else s.to(t))
+    if not teacher:
+        return
+    groups, copies = _group(teacher, student)
+    for (device, t_dtype, s_dtype), (ts, ss) in groups.items():
+        impl = dispatch.resolve(backend, device, s_dtype if t_dtype == torch.float32 else t_dtype)
+        if impl == "reference":
+            ema_update_reference(ts, ss, decay)
+        elif impl == "torch" or not all(t.is_contiguous() for t in ts):
+            if s_dtype != t_dtype:
+                ss = [s.to(t_dtype) for s in ss]
+            torch._foreach_lerp_(ts, ss, 1.0 - decay)  # t + (1 - decay) * (s - t)
         else:
-            copy_t.append(t)
-            copy_s.append(s)
-    for ts, ss in groups.values():
-        torch._foreach_lerp_(ts, ss, 1.0 - decay)  # t + (1 - decay) * (s - t)
-    for t, s in zip(copy_t, copy_s):
-        t.copy_(s)
+            ss = [s if s.is_contiguous() else s.contiguous() for s in ss]
+            dispatch.ops_namespace(impl).ema_update_(ts, ss, decay)
+    for t, s in copies:
+        t.copy_(s)  # integer state (num_batches_tracked) is copied, never averaged

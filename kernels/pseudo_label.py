@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from kernels import dispatch
+
 __all__ = ["pseudo_label", "pseudo_label_reference"]
 
 
@@ -29,13 +31,20 @@ def pseudo_label_reference(logits: Tensor, threshold: float) -> tuple[Tensor, Te
 
 
 @torch.no_grad()
-def pseudo_label(logits: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+def pseudo_label(logits: Tensor, threshold: float, backend: str | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Returns (prob (B,) float32, label (B,) int64, mask (B,) float32); no host sync.
 
     The max probability is 1 / sum_c exp(z_c - max z), so the (B, C) probability tensor is never
-    written: one max pass and one exp-sum pass over the logits.
+    written: the fused kernels make one online pass over each row (running max and sum of
+    exponentials); the torch version one max pass and one exp-sum pass.
+    ``backend``: see ``kernels.dispatch`` (None = the process default, ``run.kernels``).
     """
     _check(logits)
+    impl = dispatch.resolve(backend, logits.device, logits.dtype)
+    if impl == "reference":
+        return pseudo_label_reference(logits, threshold)
+    if impl != "torch":
+        return dispatch.ops_namespace(impl).pseudo_label(logits.contiguous(), threshold)
     z = logits.float()  # (B, C)
     zmax, label = z.max(dim=-1)  # (B,), (B,)
     prob = (z - zmax.unsqueeze(1)).exp_().sum(dim=-1).reciprocal_()  # (B,)

@@ -1,8 +1,8 @@
-"""Probabilistic pseudo mixup (DESIGN.md section 1) and timm-style labelled mixup / cutmix.
+"""Probabilistic pseudo mixup (docs/method.md, docs/kernels.md) and timm-style labelled mixup / cutmix.
 
 Unlabelled data: sample i is paired with j = partner[i], where ``partner`` (B,) is a random
 permutation drawn with the other random draws (``MixDraws.partner``, drawn LAST, after use_cutmix,
-cy and cx, so those keep their streams). lam_i = p_i / (p_i + p_j). Per sample, with probability
+cy and cx, so those keep their streams). lam_i = p_i / (p_i + p_j) (0.5 when both are 0). Per sample, with probability
 ``cutmix_prob``, cutmix (a box of side ratio sqrt(1 - lam_i) taken from the partner, lam_i corrected
 to the fraction of own pixels) else mixup (x_i <- lam_i x_i + (1 - lam_i) x_j). The merged confidence
 max(p_i, p_j) is thresholded again for the mask; label_b = label[partner].
@@ -18,18 +18,24 @@ Drawing and applying the partner is vectorised: a randperm, a scatter and gather
 
 The labelled batch keeps timm's "batch" mode: one lam for the batch and partner ``flip(0)``.
 
-Public API: ``pseudo_mixup`` (dispatch), ``pseudo_mixup_reference`` (the spec, a loop over samples),
+The draws are made in torch on the images' device by every backend, so the same seed gives the same
+mixed batch whichever kernel mixes it.
+
+Public API: ``pseudo_mixup`` (dispatch: Triton / native / torch, see ``kernels.dispatch``), ``pseudo_mixup_reference`` (the spec, a loop over samples),
 ``draw_mix_randomness`` (the random draws both take), ``mix_batch`` (the shared vectorised core),
 ``labelled_mixup`` (timm "batch" mode), ``MixedBatch`` and ``MixDraws`` (results).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
+
+from kernels import dispatch
 
 __all__ = [
     "MixDraws",
@@ -139,7 +145,8 @@ def pseudo_mixup_reference(
     for i in range(B):
         j = int(draws.partner[i])
         label_b[i], merged[i] = label[j], torch.maximum(p[i], p[j])
-        lam = (p[i] / (p[i] + p[j])).item()  # float32 value, exactly
+        total = p[i] + p[j]
+        lam = (p[i] / total).item() if total > 0 else 0.5  # float32 value, exactly; 0.5 for two zeros
         xi, xj = images[i].to(compute), images[j].to(compute)  # (C, H, W)
         if bool(draws.use_cutmix[i]):
             r = math.sqrt(1.0 - lam)
@@ -167,6 +174,7 @@ def mix_batch(
     cy: Tensor,
     cx: Tensor,
     partner_index: Tensor | None = None,
+    backend: str | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Mix every sample with its partner, vectorised: no loop, no host sync, input untouched.
 
@@ -174,9 +182,17 @@ def mix_batch(
     Mixup samples: out = lam x + (1 - lam) x_partner. Cutmix samples: a box of side ratio
     sqrt(1 - lam) centred at (cy, cx), clipped to the image, comes from the partner.
     Returns (mixed images (B, C, H, W) in the input dtype, corrected lam (B,) float32).
+    ``backend``: see ``kernels.dispatch``; the torch version is below, the fused ones make one pass.
     """
     B, _, H, W = images.shape
     dev = images.device
+    impl = dispatch.resolve(backend, dev, images.dtype)
+    if impl in ("triton", "native"):
+        if partner_index is None:
+            partner_index = torch.arange(B - 1, -1, -1, device=dev)  # flip(0)
+        return dispatch.ops_namespace(impl).mix_batch(
+            images.contiguous(), lam.float().expand(B).contiguous(), use_cutmix.expand(B).contiguous(),
+            cy.expand(B).contiguous(), cx.expand(B).contiguous(), partner_index.contiguous())
     lam = lam.float()  # (B,)
     # box bounds, in float64 like the reference's Python arithmetic (B numbers: negligible)
     r = (1.0 - lam.double()).clamp_min(0.0).sqrt()  # (B,) cut ratio
@@ -192,7 +208,8 @@ def mix_batch(
     own = torch.where(use_cutmix, 1.0, lam)  # (B,) weight of the own image outside any box
     # w = own - in_rows (outer) in_cols, one batched outer product: 0 inside a cutmix box, 1 elsewhere
     # for cutmix samples, lam everywhere for mixup samples (all exact: the products are 0 or 1)
-    with torch.autocast(dev.type, enabled=False):  # autocast would round lam to bf16 in baddbmm
+    no_autocast = contextlib.nullcontext() if dev.type == "meta" else torch.autocast(dev.type, enabled=False)
+    with no_autocast:  # autocast would round lam to bf16 in baddbmm
         w = torch.baddbmm(
             own[:, None, None].expand(B, H, W), in_rows.float()[:, :, None], in_cols.float()[:, None, :], alpha=-1
         ).unsqueeze(1)  # (B, 1, H, W) float32
@@ -220,24 +237,35 @@ def pseudo_mixup(
     cutmix_prob: float = 0.5,
     generator: torch.Generator | None = None,
     draws: MixDraws | None = None,
+    backend: str | None = None,
 ) -> MixedBatch:
     """Probabilistic pseudo mixup of the strong views. images (B, C, H, W) float32 or bf16,
     prob (B,) teacher max probability, label (B,) teacher argmax; B must be even.
 
     Random draws (including the partner permutation) come from ``draw_mix_randomness`` with
     ``generator`` (on the images' device) unless ``draws`` is given.
+    ``backend``: see ``kernels.dispatch`` (None = the process default, ``run.kernels``).
     Returns MixedBatch(images, label_a=label, label_b=label[partner], lam, mask).
     """
     _check_pseudo(images, prob, label)
     B, _, H, W = images.shape
+    impl = dispatch.resolve(backend, images.device, images.dtype)
+    if impl == "reference":
+        return pseudo_mixup_reference(images, prob, label, threshold, cutmix_prob, generator, draws)
     if draws is None:
         draws = draw_mix_randomness(B, H, W, cutmix_prob, images.device, generator)
     _check_draws(draws, B)
     partner = draws.partner  # (B,)
+    if impl != "torch":  # lam, the box, its correction and the mask are computed in the kernel
+        out, lam, mask = dispatch.ops_namespace(impl).pseudo_mixup(
+            images.contiguous(), prob.float().contiguous(), draws.use_cutmix.contiguous(), draws.cy.contiguous(),
+            draws.cx.contiguous(), partner.contiguous(), threshold)
+        return MixedBatch(out, label, label[partner], lam, mask)
     p = prob.float()  # (B,)
     p_partner = p[partner]  # (B,)
-    lam = p / (p + p_partner)  # (B,)
-    out, lam = mix_batch(images, lam, draws.use_cutmix, draws.cy, draws.cx, partner_index=partner)
+    total = p + p_partner  # (B,)
+    lam = torch.where(total > 0, p / total, 0.5)  # (B,); two zero confidences mix half and half
+    out, lam = mix_batch(images, lam, draws.use_cutmix, draws.cy, draws.cx, partner_index=partner, backend="torch")
     mask = (torch.maximum(p, p_partner) >= threshold).float()  # (B,)
     return MixedBatch(out, label, label[partner], lam, mask)
 
@@ -256,6 +284,7 @@ def labelled_mixup(
     cutmix_alpha: float = 1.0,
     switch_prob: float = 0.5,
     generator: torch.Generator | None = None,
+    backend: str | None = None,
 ) -> MixedBatch:
     """timm ``Mixup`` in "batch" mode: one lam for the whole batch, partner = flip(0).
 
@@ -278,5 +307,5 @@ def labelled_mixup(
     lam = torch.where(use_cutmix, lam_cut, lam_mix)  # ()
     cy = torch.randint(0, H, (), device=dev, generator=generator)
     cx = torch.randint(0, W, (), device=dev, generator=generator)
-    out, lam_b = mix_batch(images, lam.expand(B), use_cutmix.expand(B), cy.expand(B), cx.expand(B))
+    out, lam_b = mix_batch(images, lam.expand(B), use_cutmix.expand(B), cy.expand(B), cx.expand(B), backend=backend)
     return MixedBatch(out, labels, labels.flip(0), lam_b, ones)

@@ -7,7 +7,7 @@ Soft target t_i = (1 - s) (lam_i onehot(a_i) + (1 - lam_i) onehot(b_i)) + s / C.
     dloss / dz_i = mask_i / B (softmax(z_i) - t_i)
 Computed in float32 (or float64 for float64 logits) whatever the logits' dtype.
 
-Public API: ``soft_target_cross_entropy`` (dispatch), ``soft_target_cross_entropy_reference`` (spec).
+Public API: ``soft_target_cross_entropy`` (dispatch: Triton / native / torch, see ``kernels.dispatch``), ``soft_target_cross_entropy_reference`` (spec).
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from kernels import dispatch
 
 __all__ = ["soft_target_cross_entropy", "soft_target_cross_entropy_reference"]
 
@@ -91,12 +93,24 @@ def soft_target_cross_entropy(
     lam: Tensor,
     mask: Tensor | None = None,
     smoothing: float = 0.1,
+    backend: str | None = None,
 ) -> Tensor:
     """Masked mean soft-target cross-entropy; logits (B, C) any float dtype, label_a / label_b (B,)
     int64, lam (B,) weight of label_a, mask (B,) or None (all ones). Returns a 0-d float32 tensor
     (float64 for float64 logits). Gradient flows to ``logits`` only; closed form, no (B, C) target.
+    ``backend``: see ``kernels.dispatch`` (None = the process default, ``run.kernels``); the fused
+    ops return per-sample CE and log-sum-exp, and their registered backward recomputes the softmax
+    from the logits and the saved log-sum-exp (B numbers) instead of keeping a (B, C) tensor.
     """
     _check(logits, label_a, label_b, lam)
+    impl = dispatch.resolve(backend, logits.device, logits.dtype)
+    if impl == "reference":
+        return soft_target_cross_entropy_reference(logits, label_a, label_b, lam, mask, smoothing)
+    B = logits.shape[0]
+    if impl != "torch":
+        lam = lam.float().expand(B).contiguous()
+        ce, _ = dispatch.ops_namespace(impl).soft_target_ce(logits.contiguous(), label_a, label_b, lam, smoothing)
+        return ce.mean() if mask is None else torch.dot(mask.to(ce.dtype), ce) / B
     if mask is None:
-        mask = torch.ones(logits.shape[0], dtype=_compute_dtype(logits), device=logits.device)
+        mask = torch.ones(B, dtype=_compute_dtype(logits), device=logits.device)
     return _SoftTargetCE.apply(logits, label_a, label_b, lam, mask, smoothing)

@@ -1,4 +1,5 @@
-"""Correctness of the kernels/ ops against their references and hand-computed values."""
+"""Correctness of the kernels/ ops against their references and hand-computed values, once per backend
+(torch, native, triton under the interpreter), each reached through the public functions."""
 
 from __future__ import annotations
 
@@ -26,6 +27,13 @@ from kernels import (
 )
 from kernels.pseudo_mixup import random_derangement
 from kernels.soft_target_ce import _SoftTargetCE
+
+pytestmark = pytest.mark.usefixtures("kernels_backend")
+
+
+def _float64_on(backend: str) -> None:
+    if backend == "triton":
+        pytest.skip("Triton kernels compute in float32; 'auto' sends float64 to native or torch")
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -60,7 +68,8 @@ def test_ema_tensors_order_and_filtering():
 
 
 @pytest.mark.parametrize("decay", [0.9999, 0.5, 0.0, 1.0])
-def test_ema_update_moves_teacher_by_formula(decay):
+def test_ema_update_moves_teacher_by_formula(decay, kernels_backend):
+    _float64_on(kernels_backend)
     teacher, student = _net(1), _net(2)
     t_list = ema_tensors(teacher, floating_only=False)
     s_list = ema_tensors(student, floating_only=False)
@@ -78,7 +87,9 @@ def test_ema_update_moves_teacher_by_formula(decay):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ema_update_matches_reference(dtype):
+def test_ema_update_matches_reference(dtype, kernels_backend):
+    if dtype == torch.float64:
+        _float64_on(kernels_backend)
     t_fast, t_ref, student = _net(1, dtype), _net(1, dtype), _net(2, dtype)
     # mixed list: floats and the integer buffer, several updates
     for _ in range(3):
@@ -220,7 +231,8 @@ def test_pseudo_mixup_matches_reference(seed, dtype, B):
     assert torch.equal(out.mask, ref.mask)
 
 
-def test_pseudo_mixup_float64_keeps_precision():
+def test_pseudo_mixup_float64_keeps_precision(kernels_backend):
+    _float64_on(kernels_backend)
     images, prob, label = _mix_inputs(dtype=torch.float64)
     d = draw_mix_randomness(6, 7, 5, 0.5, "cpu", _gen(9))
     out = pseudo_mixup(images, prob, label, 0.5, draws=d)
@@ -457,7 +469,8 @@ def test_soft_ce_matches_reference(B, C, with_mask):
     torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-7)
 
 
-def test_soft_ce_gradcheck_float64():
+def test_soft_ce_gradcheck_float64(kernels_backend):
+    _float64_on(kernels_backend)
     g = _gen(7)
     B, C = 4, 5
     logits = torch.randn(B, C, generator=g, dtype=torch.float64, requires_grad=True)
@@ -526,7 +539,7 @@ class _SyncSpy(TorchFunctionMode):
 def test_public_functions_do_not_sync():
     images, prob, label = _mix_inputs(B=8, H=9, W=11)
     logits = torch.randn(8, 10, requires_grad=True)
-    t, s = ema_tensors(_net(1), False), ema_tensors(_net(2), False)
+    t, s = ema_tensors(_net(1, torch.float32), False), ema_tensors(_net(2, torch.float32), False)
     spy = _SyncSpy()
     with spy:
         p, y, m = pseudo_label(logits, 0.5)

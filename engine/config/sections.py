@@ -36,6 +36,9 @@ class RunConfig:
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
     compile: bool = False  # torch.compile the model
     threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
+    # fused ops (EMA, pseudo labels, pseudo mixup, soft-target CE): auto (Triton on CUDA, native C++ on
+    # CPU when built, torch otherwise) | triton | native | torch | reference; `python -m kernels` shows it
+    kernels: str = "auto"
     name: str = ""  # run-folder prefix; empty = the config file's stem
 
     def __post_init__(self):
@@ -46,6 +49,7 @@ class RunConfig:
         one_of("device", self.device, ("auto", "cpu", "cuda"))
         one_of("precision", self.precision, ("auto", "bf16", "fp32"))
         check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
+        one_of("kernels", self.kernels, ("auto", "triton", "native", "torch", "reference"))
 
 
 @dataclass

@@ -1,0 +1,222 @@
+// Shared helpers of the semivit_native CPU ops: input checks, dtype helpers, a vectorisable exp and
+// the blocked one-pass (online) max / sum-of-exp over a row.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <omp.h>
+
+#include <algorithm>
+#include <bit>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
+// Hot loops are compiled three times (AVX-512, AVX2, baseline x86-64-v2) and picked at load time
+// by the dynamic loader (GCC ifunc), so one portable .so runs with the widest vectors the CPU has.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
+#define SEMIVIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define SEMIVIT_CLONES
+#endif
+#define SEMIVIT_INLINE inline __attribute__((always_inline))
+
+namespace semivit_native {
+
+// Lanes of the explicit partial accumulators: the compiler vectorises lane-wise updates without
+// reassociating floating-point sums (no -ffast-math), so results are the same on every CPU.
+constexpr int kLanes = 16;
+// Row block kept in L1 between its max and its exp-sum: the row is read once from memory.
+constexpr int64_t kBlock = 512;
+
+// Threads to use: torch's setting (torch.set_num_threads), one when the work is small.
+inline int num_threads_for(int64_t work, int64_t grain = 32768) {
+  return work < grain ? 1 : std::max(1, at::get_num_threads());
+}
+
+// Runs f(r0, r1) on contiguous, equal shares of [0, rows) in one OpenMP parallel region.
+// f must not throw (inputs are checked before).
+template <class F>
+void parallel_rows(int64_t rows, int64_t cost_per_row, const F& f) {
+  const int nt = num_threads_for(rows * cost_per_row);
+  if (nt == 1 || rows < 2) {
+    if (rows > 0) f(int64_t{0}, rows);
+    return;
+  }
+#pragma omp parallel num_threads(nt)
+  {
+    const int64_t nth = omp_get_num_threads(), tid = omp_get_thread_num();
+    const int64_t per = (rows + nth - 1) / nth;
+    const int64_t r0 = std::min(rows, tid * per), r1 = std::min(rows, r0 + per);
+    if (r0 < r1) f(r0, r1);
+  }
+}
+
+// float for fp32 / bf16 / fp16 inputs, double for fp64 inputs.
+template <class T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// exp: Cephes' expf polynomial (|rel err| ~ 2 ulp) on [-87.3, 88] (x clamped at 88; 0 below -87.3, so
+// exp(-inf) = 0); NaN stays NaN.
+// Written branch-free so loops over it vectorise.
+SEMIVIT_INLINE float vexp(float x) {
+  constexpr float lo = -87.33654f, hi = 88.0f;
+  float xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  const float t = xc * 1.44269504088896341f + 12582912.0f;  // round(x/ln2) by the 1.5*2^23 trick
+  const int32_t n = std::bit_cast<int32_t>(t) - 0x4B400000;
+  const float fx = t - 12582912.0f;
+  float r = xc - fx * 0.693359375f;
+  r = r - fx * -2.12194440e-4f;
+  const float r2 = r * r;
+  float y = 1.9875691500E-4f;
+  y = y * r + 1.3981999507E-3f;
+  y = y * r + 8.3334519073E-3f;
+  y = y * r + 4.1665795894E-2f;
+  y = y * r + 1.6666665459E-1f;
+  y = y * r + 5.0000001201E-1f;
+  y = y * r2 + r + 1.0f;
+  const float res = y * std::bit_cast<float>((n + 127) << 23);
+  return x < lo ? 0.0f : res;
+}
+SEMIVIT_INLINE double vexp(double x) { return std::exp(x); }
+
+// Converts n elements of src to the compute type; returns src itself when no conversion is needed.
+template <class A, class T>
+SEMIVIT_INLINE const A* as_acc(const T* src, int64_t n, A* buf) {
+  if constexpr (std::is_same_v<A, T>) {
+    return src;
+  } else {
+    for (int64_t k = 0; k < n; ++k) buf[k] = static_cast<A>(src[k]);
+    return buf;
+  }
+}
+
+// Max of x[0, n), lane-wise so it vectorises. NaNs are skipped (they still make the exp-sum NaN).
+template <class A>
+SEMIVIT_INLINE A block_max(const A* x, int64_t n) {
+  A acc[kLanes];
+  for (int k = 0; k < kLanes; ++k) acc[k] = -std::numeric_limits<A>::infinity();
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int k = 0; k < kLanes; ++k) acc[k] = x[c + k] > acc[k] ? x[c + k] : acc[k];
+  A m = -std::numeric_limits<A>::infinity();
+  for (; c < n; ++c) m = x[c] > m ? x[c] : m;
+  for (int k = 0; k < kLanes; ++k) m = acc[k] > m ? acc[k] : m;
+  return m;
+}
+
+// Index of the first element equal to v (0 if none): a scan that stops there, run only for blocks
+// that raise the row's running max.
+template <class A>
+SEMIVIT_INLINE int64_t first_index_of(const A* x, int64_t n, A v) {
+  int64_t k = 0;
+  while (k < n && !(x[k] == v)) ++k;
+  return k == n ? 0 : k;
+}
+
+template <class A>
+SEMIVIT_INLINE A block_expsum(const A* x, int64_t n, A m) {
+  A acc[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int k = 0; k < kLanes; ++k) acc[k] += vexp(x[c + k] - m);
+  A s = 0;
+  for (; c < n; ++c) s += vexp(x[c] - m);
+  for (int k = 0; k < kLanes; ++k) s += acc[k];
+  return s;
+}
+
+template <class A>
+SEMIVIT_INLINE A block_sum(const A* x, int64_t n) {
+  A acc[kLanes] = {};
+  int64_t c = 0;
+  for (; c + kLanes <= n; c += kLanes)
+    for (int k = 0; k < kLanes; ++k) acc[k] += x[c + k];
+  A s = 0;
+  for (; c < n; ++c) s += x[c];
+  for (int k = 0; k < kLanes; ++k) s += acc[k];
+  return s;
+}
+
+// One pass over a row of C logits, block by block: running max m, sum of exp(z - m) and, when asked,
+// the index of the first maximum and the plain sum of z. A block's max and exp-sum read it from L1.
+template <class A>
+struct RowStats {
+  A max = -std::numeric_limits<A>::infinity();
+  A expsum = 0;
+  A sum = 0;
+  int64_t argmax = 0;
+};
+
+template <bool WithArgmax, bool WithSum, class T, class A = acc_t<T>>
+SEMIVIT_INLINE RowStats<A> row_stats(const T* z, int64_t C) {
+  RowStats<A> st;
+  A buf[kBlock];
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t n = std::min(kBlock, C - c0);
+    const A* x = as_acc<A>(z + c0, n, buf);
+    const A bm = block_max(x, n);
+    if (bm > st.max) {  // strictly greater: ties keep the earlier (first) index
+      if constexpr (WithArgmax) st.argmax = c0 + first_index_of(x, n, bm);
+      st.expsum *= vexp(st.max - bm);  // exp(-inf) = 0 on the first block
+      st.max = bm;
+    }
+    st.expsum += block_expsum(x, n, st.max);
+    if constexpr (WithSum) st.sum += block_sum(x, n);
+  }
+  return st;
+}
+
+// A large fresh output (mixed images: 48 MB at 80x3x224x224 float32) is a new mmap on every call, and
+// first-touch page faults cost more than the kernel itself (4 KiB pages: ~12k faults, 20-40 ms on the
+// reference VM). Asking for transparent huge pages on the 2 MiB-aligned interior before the first
+// write turns them into a few dozen faults. Only advice on our own output: the memory still comes
+// from (and returns to) torch's allocator, nothing is cached across calls.
+inline void advise_huge_pages(void* ptr, size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+  if (nbytes < 4 * kHuge) return;
+  const uintptr_t lo = (reinterpret_cast<uintptr_t>(ptr) + kHuge - 1) & ~(kHuge - 1);
+  const uintptr_t hi = (reinterpret_cast<uintptr_t>(ptr) + nbytes) & ~(kHuge - 1);
+  if (hi > lo) (void)madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);  // a hint: errors ignored
+#else
+  (void)ptr;
+  (void)nbytes;
+#endif
+}
+
+// ------------------------------------------------------------------------------------------ checks
+
+inline bool is_float_dtype(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kBFloat16 || t == at::kHalf;
+}
+
+inline void check_cpu_contig(const at::Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got device ", t.device());
+  TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
+}
+
+inline void check_vec(const at::Tensor& t, int64_t B, at::ScalarType dtype, const char* op, const char* name) {
+  check_cpu_contig(t, op, name);
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == B, op, ": ", name, " must have shape (", B, ",), got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == dtype, op, ": ", name, " must be ", dtype, ", got ", t.scalar_type());
+}
+
+// Every index in [0, hi): checked serially before the parallel loop (no exception inside OpenMP).
+inline void check_index_range(const at::Tensor& t, int64_t hi, const char* op, const char* name) {
+  const int64_t* p = t.data_ptr<int64_t>();
+  for (int64_t i = 0; i < t.numel(); ++i)
+    TORCH_CHECK(p[i] >= 0 && p[i] < hi, op, ": ", name, "[", i, "] = ", p[i], " is outside [0, ", hi, ")");
+}
+
+}  // namespace semivit_native

@@ -1,0 +1,31 @@
+// The semivit_native operators (schemas in register.cpp and docs/kernels.md).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+#include <tuple>
+
+namespace semivit_native {
+
+void ema_update_(at::TensorList teacher, at::TensorList student, double decay);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pseudo_label(const at::Tensor& logits, double threshold);
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> pseudo_mixup(const at::Tensor& images, const at::Tensor& prob,
+                                                            const at::Tensor& use_cutmix, const at::Tensor& cy,
+                                                            const at::Tensor& cx, const at::Tensor& partner,
+                                                            double threshold);
+
+std::tuple<at::Tensor, at::Tensor> mix_batch(const at::Tensor& images, const at::Tensor& lam,
+                                             const at::Tensor& use_cutmix, const at::Tensor& cy,
+                                             const at::Tensor& cx, const at::Tensor& partner);
+
+std::tuple<at::Tensor, at::Tensor> soft_target_ce(const at::Tensor& logits, const at::Tensor& label_a,
+                                                  const at::Tensor& label_b, const at::Tensor& lam,
+                                                  double smoothing);
+
+at::Tensor soft_target_ce_backward(const at::Tensor& grad_ce, const at::Tensor& logits, const at::Tensor& lse,
+                                   const at::Tensor& label_a, const at::Tensor& label_b, const at::Tensor& lam,
+                                   double smoothing);
+
+}  // namespace semivit_native

@@ -1,0 +1,30 @@
+// Operator schemas (the contract of docs/kernels.md) and their CPU kernels.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(semivit_native, m) {
+  m.def("ema_update_(Tensor(a!)[] teacher, Tensor[] student, float decay) -> ()");
+  m.def("pseudo_label(Tensor logits, float threshold) -> (Tensor prob, Tensor label, Tensor mask)");
+  m.def(
+      "pseudo_mixup(Tensor images, Tensor prob, Tensor use_cutmix, Tensor cy, Tensor cx, Tensor partner, "
+      "float threshold) -> (Tensor mixed, Tensor lam, Tensor mask)");
+  m.def(
+      "mix_batch(Tensor images, Tensor lam, Tensor use_cutmix, Tensor cy, Tensor cx, Tensor partner) "
+      "-> (Tensor mixed, Tensor lam)");
+  m.def(
+      "soft_target_ce(Tensor logits, Tensor label_a, Tensor label_b, Tensor lam, float smoothing) "
+      "-> (Tensor ce, Tensor lse)");
+  m.def(
+      "soft_target_ce_backward(Tensor grad_ce, Tensor logits, Tensor lse, Tensor label_a, Tensor label_b, "
+      "Tensor lam, float smoothing) -> Tensor");
+}
+
+TORCH_LIBRARY_IMPL(semivit_native, CPU, m) {
+  m.impl("ema_update_", &semivit_native::ema_update_);
+  m.impl("pseudo_label", &semivit_native::pseudo_label);
+  m.impl("pseudo_mixup", &semivit_native::pseudo_mixup);
+  m.impl("mix_batch", &semivit_native::mix_batch);
+  m.impl("soft_target_ce", &semivit_native::soft_target_ce);
+  m.impl("soft_target_ce_backward", &semivit_native::soft_target_ce_backward);
+}

@@ -1,0 +1,41 @@
+"""Test-wide setup.
+
+Triton kernels run on CPU tensors only in Triton's interpreter, and the interpreter is chosen when a
+kernel is decorated, so the variable is set before anything imports Triton. The fused-op default
+backend is process state (the trainer sets it from run.kernels): each test starts from "auto".
+"""
+
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import kernels.dispatch  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _kernels_default_auto():
+    kernels.dispatch.set_default("auto")
+    yield
+    kernels.dispatch.set_default("auto")
+
+
+def require_backend(name: str) -> None:
+    """The native and Triton backends fail their tests in CI (which builds and installs both) and
+    skip elsewhere, with the reason (e.g. the build command)."""
+    from kernels import native, triton_ops
+
+    module = {"native": native, "triton": triton_ops}.get(name)
+    if module is not None and not module.load():
+        if os.environ.get("CI"):
+            pytest.fail(f"{name} kernels unavailable in CI: {module.status()}")
+        pytest.skip(module.status())
+
+
+@pytest.fixture(params=["torch", "native", "triton"])
+def kernels_backend(request):
+    """Run a test once per implementation, each reached through the public functions' default."""
+    require_backend(request.param)
+    kernels.dispatch.set_default(request.param)
+    yield request.param

@@ -1,0 +1,244 @@
+"""One dispatch for every fused op: backend choice, errors, agreement across backends, the trainer's use.
+
+The op-level comparisons against the references live in test_native_ops.py and test_triton_ops.py;
+here every backend is reached through the public functions, as the trainer reaches them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import kernels
+from conftest import require_backend
+from kernels import dispatch, native, triton_ops
+from kernels import (
+    draw_mix_randomness,
+    ema_update,
+    labelled_mixup,
+    pseudo_label,
+    pseudo_mixup,
+    soft_target_cross_entropy,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+FUSED = ("native", "triton")
+
+
+# ------------------------------------------------------------------------------------- resolution
+
+
+def test_auto_picks_native_on_cpu_when_built_else_torch(monkeypatch):
+    cpu = torch.device("cpu")
+    expected = "native" if native.load() else "torch"
+    assert dispatch.resolve("auto", cpu) == expected
+    monkeypatch.setattr(native, "load", lambda: False)
+    assert dispatch.resolve("auto", cpu) == "torch"
+    assert dispatch.resolve("torch", cpu) == "torch" and dispatch.resolve("reference", cpu) == "reference"
+
+
+def test_auto_on_cuda_prefers_triton_and_routes_float64_elsewhere(monkeypatch):
+    monkeypatch.setattr(triton_ops, "available", lambda: True)
+    monkeypatch.setattr(triton_ops, "load", lambda: True)
+    cuda = torch.device("cuda")
+    assert dispatch.resolve("auto", cuda, torch.bfloat16) == "triton"
+    assert dispatch.resolve("auto", cuda, torch.float64) == "torch"  # Triton kernels compute in float32
+    with pytest.raises(kernels.KernelUnavailable, match="float64"):
+        dispatch.resolve("triton", cuda, torch.float64)
+    with pytest.raises(kernels.KernelUnavailable, match="CPU ops"):
+        dispatch.resolve("native", cuda)
+
+
+def test_explicit_backend_that_cannot_run_names_the_fix(monkeypatch):
+    monkeypatch.setattr(native, "load", lambda: False)
+    monkeypatch.setattr(native, "status", lambda: "native: not built — run: cmake -S . -B build")
+    with pytest.raises(kernels.KernelUnavailable, match="cmake -S . -B build"):
+        pseudo_label(torch.randn(2, 3), 0.5, backend="native")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(kernels.KernelUnavailable, match="TRITON_INTERPRET"):
+        pseudo_label(torch.randn(2, 3), 0.5, backend="triton")
+    with pytest.raises(ValueError, match="unknown kernels backend 'fast'"):
+        pseudo_label(torch.randn(2, 3), 0.5, backend="fast")
+
+
+def test_default_backend_follows_set_default():
+    logits = torch.randn(4, 7)
+    dispatch.set_default("reference")
+    assert dispatch.get_default() == "reference"
+    assert dispatch.summary("cpu").startswith("kernels: reference -> reference on cpu")
+    for a, b in zip(pseudo_label(logits, 0.3), kernels.pseudo_label_reference(logits, 0.3)):
+        assert torch.equal(a, b)
+
+
+def test_python_m_kernels_reports_every_op():
+    out = subprocess.run([sys.executable, "-m", "kernels"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for op in dispatch.OPS:
+        assert f"{op}" in out.stdout
+    assert "cpu tensors:" in out.stdout and "native" in out.stdout and "triton" in out.stdout
+
+
+# -------------------------------------------------------------------------- agreement across backends
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_same_seed_gives_the_same_mixed_batch_on_every_backend(backend):
+    require_backend(backend)
+    B, C, H, W = 6, 3, 13, 17
+    gen = torch.Generator().manual_seed(3)
+    images = torch.randn(B, C, H, W, generator=gen)
+    prob = torch.rand(B, generator=gen)
+    prob[:2] = 0.0  # a pair may have two zero confidences: lam 0.5, no NaN
+    label = torch.randint(0, 10, (B,), generator=gen)
+    outs = {}
+    for name in ("reference", "torch", backend):
+        draws = draw_mix_randomness(B, H, W, 0.5, "cpu", torch.Generator().manual_seed(11))
+        outs[name] = pseudo_mixup(images, prob, label, 0.4, draws=draws, backend=name)
+    ref = outs["reference"]
+    for name in ("torch", backend):
+        got = outs[name]
+        assert torch.equal(got.label_b, ref.label_b) and torch.equal(got.mask, ref.mask)
+        torch.testing.assert_close(got.lam, ref.lam, rtol=0, atol=1e-7)
+        torch.testing.assert_close(got.images, ref.images, rtol=1e-6, atol=1e-6)
+        assert not got.lam.isnan().any()
+    cut = draws.use_cutmix  # box pixels are copies: exact on every backend
+    assert torch.equal(outs[backend].images[cut], ref.images[cut])
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_labelled_mixup_and_losses_agree_with_torch(backend):
+    require_backend(backend)
+    gen = torch.Generator().manual_seed(0)
+    images, labels = torch.randn(4, 3, 9, 11, generator=gen), torch.randint(0, 5, (4,), generator=gen)
+    a = labelled_mixup(images, labels, generator=torch.Generator().manual_seed(5), backend="torch")
+    b = labelled_mixup(images, labels, generator=torch.Generator().manual_seed(5), backend=backend)
+    torch.testing.assert_close(b.images, a.images, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(b.lam, a.lam)
+
+    logits = torch.randn(6, 21, generator=gen, requires_grad=True)
+    la, lb = torch.randint(0, 21, (6,), generator=gen), torch.randint(0, 21, (6,), generator=gen)
+    lam, mask = torch.rand(6, generator=gen), (torch.rand(6, generator=gen) > 0.3).float()
+    losses, grads = [], []
+    for name in ("torch", backend):
+        loss = soft_target_cross_entropy(logits, la, lb, lam, mask, smoothing=0.1, backend=name)
+        (grad,) = torch.autograd.grad(loss, logits)
+        losses.append(loss.detach())
+        grads.append(grad)
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+    z = torch.randn(5, 1000, generator=gen)
+    for x, y in zip(pseudo_label(z, 0.002, backend=backend), pseudo_label(z, 0.002, backend="torch")):
+        torch.testing.assert_close(x, y, rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_ema_through_dispatch_handles_integer_state_and_bf16_students(backend):
+    require_backend(backend)
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(3, 5), (7,), (1,), (2, 3, 4)]
+    teacher = [torch.randn(s, generator=gen) for s in shapes] + [torch.tensor(4)]
+    student = [torch.randn(s, generator=gen).bfloat16() for s in shapes] + [torch.tensor(9)]
+    expected = [t.clone() for t in teacher]
+    kernels.ema_update_reference(expected, student, 0.9)
+    ema_update(teacher, student, 0.9, backend=backend)
+    for t, e in zip(teacher, expected):
+        torch.testing.assert_close(t, e, rtol=1e-6, atol=1e-6)
+    assert teacher[-1].item() == 9  # integer state copied
+
+
+def test_meta_tensors_flow_through_the_dispatch():
+    """--dry-run builds on the meta device: each public op must give shapes there, whatever 'auto' picks."""
+    with torch.device("meta"):
+        logits = torch.empty(8, 1000)
+        images = torch.empty(8, 3, 32, 32)
+        prob, label, mask = pseudo_label(logits, 0.7)
+        draws = draw_mix_randomness(8, 32, 32, 0.5, "meta")
+        mixed = pseudo_mixup(images, prob, label, 0.7, draws=draws)
+        loss = soft_target_cross_entropy(logits, mixed.label_a, mixed.label_b, mixed.lam, mixed.mask)
+    assert mixed.images.shape == images.shape and mixed.images.device.type == "meta"
+    assert prob.shape == (8,) and label.dtype == torch.int64 and loss.shape == ()
+
+
+# ---------------------------------------------------------------------------------- the trainer
+
+
+def test_run_kernels_config_key_is_validated_and_applied(monkeypatch):
+    from engine.config import load_plan
+    from engine.errors import ConfigError, UserError
+    from engine.runtime import setup_runtime
+
+    demo = ROOT / "configs" / "digits.toml"
+    with pytest.raises(ConfigError, match="run.kernels"):
+        load_plan(demo, [("run.kernels", "fastest")])
+    plan = load_plan(demo, [("run.kernels", "torch")])
+    setup_runtime(plan.base.run, plan.base.dist)
+    assert dispatch.get_default() == "torch"
+    monkeypatch.setattr(native, "load", lambda: False)
+    plan = load_plan(demo, [("run.kernels", "native")])
+    with pytest.raises(UserError, match="run.kernels: kernels backend 'native' cannot run"):
+        setup_runtime(plan.base.run, plan.base.dist)
+
+
+def test_one_semi_step_gives_the_same_loss_and_teacher_with_torch_and_native():
+    require_backend("native")
+    from engine.config import load_plan
+    from engine.metrics import MetricLogger
+    from engine.optim import build_optimizer
+    from engine.runtime import Runtime
+    from engine.stages.loop import optimizer_step
+    from engine.stages.runner import build_student, stage_data, wrap_for_training
+    from engine.stages.semi import SemiStage
+
+    demo = ROOT / "configs" / "digits.toml"
+    plan = load_plan(demo, [("run.stages", "semi"), ("logging.progress", "false"), ("semi.threshold", "0.1")])
+    cfg = plan.stages["semi"]
+    rt = Runtime(device=torch.device("cpu"), dtype=None)
+    results = {}
+    for backend in ("torch", "native"):
+        dispatch.set_default(backend)
+        torch.manual_seed(0)
+        data = stage_data(cfg, rt, "semi")
+        student, _ = build_student("semi", cfg, rt, None)
+        stage = SemiStage(cfg, data, student, wrap_for_training(student, cfg, rt))
+        logger = MetricLogger.__new__(MetricLogger)
+        logger.sums, logger.steps, logger.images = {}, 0, 0
+        optimizer = build_optimizer(student, cfg.optim, 1e-3)
+        params = [p for p in student.parameters() if p.requires_grad]
+        torch.manual_seed(1)  # the same augmentation, dropout and mixup draws for both backends
+        optimizer_step(stage, stage.forward_model, optimizer, params, stage.batches(0, 0), cfg, rt, logger)
+        stage.after_step()
+        results[backend] = (logger.sums["loss"].clone(), {k: v.clone() for k, v in stage.teacher.state_dict().items()})
+    loss_t, teacher_t = results["torch"]
+    loss_n, teacher_n = results["native"]
+    torch.testing.assert_close(loss_n, loss_t, rtol=1e-5, atol=1e-6)
+    for key in teacher_t:
+        torch.testing.assert_close(teacher_n[key], teacher_t[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_semi_loss_compiles_without_graph_breaks_on_the_native_ops():
+    """pseudo label -> pseudo mixup -> student -> soft CE, forward and backward, one graph (fullgraph)."""
+    require_backend("native")
+    torch._dynamo.reset()
+    head = torch.nn.Linear(3 * 8 * 8, 10)
+
+    def semi_loss(teacher_logits, strong, use_cutmix, cy, cx, partner):
+        prob, label, _ = pseudo_label(teacher_logits, 0.2)
+        draws = kernels.MixDraws(use_cutmix, cy, cx, partner)
+        mixed = pseudo_mixup(strong, prob, label, 0.2, draws=draws)
+        logits = head(mixed.images.flatten(1))
+        return soft_target_cross_entropy(logits, mixed.label_a, mixed.label_b, mixed.lam, mixed.mask)
+
+    gen = torch.Generator().manual_seed(0)
+    args = (torch.randn(4, 10, generator=gen), torch.randn(4, 3, 8, 8, generator=gen))
+    draws = draw_mix_randomness(4, 8, 8, 0.5, "cpu", gen)
+    compiled = torch.compile(semi_loss, fullgraph=True, backend="aot_eager")
+    loss = compiled(*args, *draws)
+    loss.backward()
+    expected = semi_loss(*args, *draws)
+    torch.testing.assert_close(loss, expected)
+    assert head.weight.grad is not None and torch.isfinite(head.weight.grad).all()
