@@ -100,7 +100,7 @@ def forward_throughput(arch: str, img: int, device, dtype, batch: int, iters: in
 class MetricSink:
     """Takes the training step's metrics and records nothing (timing runs only)."""
 
-    def accumulate(self, metrics, images):
+    def accumulate(self, metrics, images, data_wait=0.0):
         pass
 
 
