@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm import tqdm
 
 from engine.config import DataConfig, LoggingConfig
 from engine.config.sections import LOADERS
@@ -91,8 +92,6 @@ class MetricLogger:
     def check_input_bound(self, share: float, record: dict, n: int) -> None:
         bound = share > INPUT_BOUND and self.windows > 0
         if bound and not self.input_bound and self.runtime.is_main:
-            from tqdm import tqdm
-
             tqdm.write(f"[{self.stage}] input-bound: waited for data {100 * share:.0f} % of the last {n} steps "
                        f"({record['data_wait_ms']:.1f} of {record['step_ms']:.1f} ms per step): {self.hint}")
         self.input_bound = bound
