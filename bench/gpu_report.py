@@ -34,7 +34,7 @@ def markdown(report: dict) -> str:
     for r in report["largest_batch"]:
         if r["step"]:
             what = "with" if r["checkpointing"] else "without"
-            note = " (search cap)" if r["capped"] else ""
+            note = " (search cap)" if r["capped"] else " (time budget ran out)" if r["out_of_time"] else ""
             row(f"{r['step']['arch']}, largest batch {what} activation checkpointing{note}", r["step"])
     lines += ["", "| original-style step (bench/original_step.py) | labelled + unlabelled | ms per step | "
               "engine step speed-up |", "|---|---|---|---|"]

@@ -9,8 +9,9 @@
    the matmul peak measured here on a large bf16 matmul (the data-sheet peak is recorded too);
 4. the original-style step (bench/original_step.py) on the same GPU and batches: the speed-up of (3);
 5. ViT-B/16 with run.compile on (torch.compile) against (3);
-6. ViT-H/14 at the largest labelled batch per GPU that fits (doubling, then halving the gap twice;
-   unlabelled = 5 x), with and without activation checkpointing.
+6. ViT-H/14 at the largest labelled batch per GPU that fits (unlabelled = 5 x; doubling from 2 up to
+   128, then halving the gap twice; 3 timed steps per trial; no new trial after --budget seconds),
+   with and without activation checkpointing.
 
 Writes one JSON file (device name, date, versions, every number) under bench/results/ and its table
 into bench/RESULTS.md (bench/gpu_report.py). `--smoke` runs the same code on the CPU with tiny models,
@@ -66,6 +67,12 @@ def peak_gib(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def build_on(device, arch: str, **kwargs):
+    """Build and initialise the model on the device itself: ViT-H's init takes seconds on a CPU."""
+    with torch.device(device):
+        return build_vit(arch, **kwargs)
+
+
 def matmul_peak_tflops(device, dtype, n: int) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -75,7 +82,7 @@ def matmul_peak_tflops(device, dtype, n: int) -> float:
 
 def attention_agreement(arch: str, img: int, device, dtype, batch: int) -> dict:
     torch.manual_seed(0)
-    model = build_vit(arch, img_size=img).to(device).eval()
+    model = build_on(device, arch, img_size=img).eval()
     x = torch.randn(batch, model.patch_embed.proj.in_channels, img, img, device=device)
     outs, result = {}, {}
     for backend in ("sdpa", "math", "xformers"):
@@ -93,7 +100,7 @@ def attention_agreement(arch: str, img: int, device, dtype, batch: int) -> dict:
 
 
 def forward_throughput(arch: str, img: int, device, dtype, batch: int, iters: int) -> dict:
-    model = build_vit(arch, img_size=img).to(device).eval()
+    model = build_on(device, arch, img_size=img).eval()
     x = torch.randn(batch, model.patch_embed.proj.in_channels, img, img, device=device)
     peak_reset(device)
 
@@ -134,7 +141,7 @@ def semi_step(arch: str, img: int, device, dtype, b: int, mu: int, iters: int, p
     cfg = Config(model=ModelConfig(arch=arch, img_size=img, grad_checkpointing=checkpointing),
                  data=DataConfig(batch_size=b, root="synthetic"), semi=SemiConfig(mu=mu))
     rt = Runtime(device=device, dtype=dtype)
-    student = build_vit(arch, img_size=img, grad_checkpointing=checkpointing).to(device)
+    student = build_on(device, arch, img_size=img, grad_checkpointing=checkpointing)
     forward = torch.compile(student, backend=compile_backend) if compile_backend else student
     data = _Synthetic(b, mu, student.patch_embed.proj.in_channels, img, 1000, device)
     stage = SemiStage(cfg, data, student, forward)
@@ -171,7 +178,7 @@ def memory_check(cfg: Config, student, device, dtype, checkpointing: bool) -> di
 
 def original_step(arch: str, img: int, device, dtype, b: int, mu: int, iters: int) -> dict:
     torch.manual_seed(0)
-    student = build_vit(arch, img_size=img).to(device)
+    student = build_on(device, arch, img_size=img)
     data = _Synthetic(b, mu, student.patch_embed.proj.in_channels, img, 1000, device)
     (x, y), (u_weak, u_strong, _) = data.labelled_batch, data.unlabelled_batch
     step = OriginalStep(student, classes=1000, dtype=dtype)
@@ -187,8 +194,9 @@ def free(device) -> None:
 
 
 def largest_batch(arch: str, img: int, device, dtype, mu: int, iters: int, peak: float, checkpointing: bool,
-                  cap: int) -> dict:
-    """The largest even labelled batch (up to `cap`) whose step runs: doubling, then two bisections."""
+                  cap: int, deadline: float) -> dict:
+    """The largest even labelled batch (up to `cap`) whose step runs: doubling, then two bisections;
+    no new trial starts after `deadline` (time.perf_counter()), so the suite keeps to its time budget."""
     def fits(b):
         try:
             return semi_step(arch, img, device, dtype, b, mu, iters, peak, checkpointing=checkpointing)
@@ -198,20 +206,22 @@ def largest_batch(arch: str, img: int, device, dtype, mu: int, iters: int, peak:
             free(device)
 
     best, b, failed = None, 2, None
-    while b <= cap:
+    while b <= cap and time.perf_counter() < deadline:
         result = fits(b)
         if result is None:
             failed = b
             break
         best, b = result, 2 * b
     for _ in range(2):  # narrow the gap between the last fit and the first failure
-        if best is None or failed is None or failed - best["labelled"] <= 2:
+        if best is None or failed is None or failed - best["labelled"] <= 2 or time.perf_counter() > deadline:
             break
         mid = (best["labelled"] + failed) // 4 * 2
         result = fits(mid)
         best, failed = (result, failed) if result is not None else (best, mid)
+    out_of_time = failed is None and b <= cap  # stopped by the deadline before reaching the cap
     return {"checkpointing": checkpointing, "largest_labelled": best["labelled"] if best else 0,
-            "first_failed": failed, "capped": failed is None, "step": best}
+            "first_failed": failed, "capped": failed is None and not out_of_time, "out_of_time": out_of_time,
+            "step": best}
 
 
 def section(report: dict, name: str, fn):
@@ -233,6 +243,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--results-md", default="", help="markdown file to put the table in (default "
                         "bench/RESULTS.md; a smoke run writes none unless given)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script itself")
+    parser.add_argument("--budget", type=float, default=420.0,
+                        help="seconds after which the largest-batch search starts no new trial (default 420)")
     args = parser.parse_args(argv)
     smoke = args.smoke or not torch.cuda.is_available()
     device = torch.device("cpu" if smoke else "cuda")
@@ -267,10 +279,14 @@ def main(argv=None) -> dict:
     section(report, "compile", lambda: semi_step(big, img, device, step_dtype, b=b_big, mu=5, iters=iters, peak_tflops=peak,
                                                  compile_backend="eager" if smoke else "inductor"))
     free(device)
-    cap = 2 if smoke else 256  # labelled; x 6 images per step with mu = 5
+    cap = 2 if smoke else 128  # labelled; x 6 images per step with mu = 5
+    search_iters = 1 if smoke else 3  # trials at large batches take seconds per step
+    deadline = t_start + args.budget
     section(report, "largest_batch", lambda: [
-        largest_batch(huge, img, device, step_dtype, 5, iters, peak, checkpointing=False, cap=cap),
-        largest_batch(huge, img, device, step_dtype, 5, iters, peak, checkpointing=True, cap=cap)])
+        largest_batch(huge, img, device, step_dtype, 5, search_iters, peak, checkpointing=False, cap=cap,
+                      deadline=deadline),
+        largest_batch(huge, img, device, step_dtype, 5, search_iters, peak, checkpointing=True, cap=cap,
+                      deadline=deadline)])
     report["targets"] = targets(report, huge)
     report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     text = json.dumps(report, indent=2)
