@@ -41,6 +41,7 @@ class Gpu:
     match: tuple[str, ...]  # substrings of torch.cuda.get_device_name() that identify it
 
 
+DEFAULT_GPU = "h100-80gb"
 GPUS = {
     "a100-40gb": Gpu("A100 40GB", 40, 312, 156, ("A100", "40GB")),
     "a100-80gb": Gpu("A100 80GB", 80, 312, 156, ("A100", "80GB")),

@@ -15,7 +15,7 @@ from engine.optim import absolute_lr
 from engine.runtime import env_world
 
 
-def stage_summary(name: str, cfg: Config, gpu_key: str = "h100-80gb") -> list[str]:
+def stage_summary(name: str, cfg: Config, gpu_key: str = cm.DEFAULT_GPU) -> list[str]:
     _, env_world_size, _ = env_world()
     world = env_world_size if env_world_size > 1 else cfg.dist.world_size
     with torch.device("meta"):
@@ -134,7 +134,7 @@ def cost_lines(name: str, cfg: Config, gflops: float, world: int, steps: int, gp
     return lines
 
 
-def dry_run(plan: RunPlan, gpu_key: str = "h100-80gb") -> str:
+def dry_run(plan: RunPlan, gpu_key: str = cm.DEFAULT_GPU) -> str:
     cm.gpu(gpu_key)  # an unknown name is a one-line error before anything is built
     lines = [f"dry run of {plan.source}: stages {' -> '.join(plan.stages)}; costs for {gpu_key}"]
     for name, cfg in plan.stages.items():

@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             from engine.dryrun import dry_run
 
-            print(dry_run(plan, args.dry_run_gpu or "h100-80gb"))
+            print(dry_run(plan, args.dry_run_gpu) if args.dry_run_gpu else dry_run(plan))
             return 0
         from engine.session import run_plan
 
