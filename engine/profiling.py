@@ -68,11 +68,12 @@ def phase_table(events, steps: int) -> dict:
     The step is the profiler's own `ProfilerStep` range (one `prof.step()` to the next), so the
     phases and the step are timed independently; `other` is what no phase covers (loop bookkeeping).
     """
-    step_us = [e.cpu_time_total for e in events if e.name.startswith("ProfilerStep")]  # "#k" or "*"
+    host = [e for e in events if e.device_type == torch.autograd.DeviceType.CPU]  # not GPU-side annotations
+    step_us = [e.cpu_time_total for e in host if e.name.startswith("ProfilerStep")]  # "#k" or "*"
     n = len(step_us) or steps
     step_ms = sum(step_us) / 1e3 / max(n, 1)
     totals = {p: 0.0 for p in PHASES}
-    for e in events:
+    for e in host:
         if e.name in totals:
             totals[e.name] += e.cpu_time_total / 1e3
     phases = {p: {"ms": round(t / n, 3), "share": round(t / n / step_ms, 4) if step_ms else 0.0}

@@ -101,3 +101,21 @@ def test_input_bound_window_warns_once_and_logs_data_wait(tmp_path, monkeypatch,
     logger.close()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [round(r["data_wait_ms"]) for r in rows] == [50, 20, 20, 5]
+
+
+def test_phase_table_uses_host_ranges_and_the_profiler_step():
+    from types import SimpleNamespace
+
+    cpu, cuda = torch.autograd.DeviceType.CPU, torch.autograd.DeviceType.CUDA
+
+    def ev(name, us, device=cpu):
+        return SimpleNamespace(name=name, cpu_time_total=us, device_type=device)
+
+    events = [ev("ProfilerStep#3", 10_000), ev("ProfilerStep#4", 14_000), ev("data", 2_000), ev("data", 2_000),
+              ev("student_forward_backward", 18_000), ev("student_forward_backward", 99_000, cuda),  # GPU-side copy
+              ev("aten::mm", 5_000)]
+    table = profiling.phase_table(events, steps=2)
+    assert table["steps"] == 2 and table["step_ms"] == 12.0
+    assert table["phases"] == {"data": {"ms": 2.0, "share": 0.1667}, "student_forward_backward": {"ms": 9.0, "share": 0.75}}
+    assert table["other_ms"] == 1.0
+    assert "| **step** | **12.00** | 100 % |" in profiling.format_table(table)
