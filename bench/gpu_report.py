@@ -20,8 +20,8 @@ def markdown(report: dict) -> str:
              f"{report['wall_seconds']:.0f} s. Matmul peak measured here (bf16, large square matmul): "
              f"{report['matmul_peak_tflops_bf16']:.0f} TFLOP/s; data-sheet dense bf16 peak: "
              f"{_f(spec, '.0f', 'unknown for this device')} TFLOP/s. MFU is against the measured peak.", "",
-             f"| step ({report['step_precision']}) | labelled + unlabelled | ms per step | img/s | MFU | peak GiB | dry-run estimate GiB | "
-             "estimate / peak |", "|---|---|---|---|---|---|---|---|"]
+             f"| step ({report['step_precision']}) | labelled + unlabelled | ms per step | img/s | MFU | peak GiB | "
+             "dry-run estimate GiB | estimate / peak |", "|---|---|---|---|---|---|---|---|"]
 
     def row(label, s):
         lines.append(f"| {label} | {s['labelled']} + {s['unlabelled']} | {s['step_ms']:.1f} | {s['img_per_s']:.0f} | "
@@ -44,10 +44,11 @@ def markdown(report: dict) -> str:
     t = report["targets"]
     if report["smoke"]:
         return "\n".join(lines + ["", "Targets: not applicable to a smoke run."])
-    lines += ["", f"Targets: ViT-H/14 MFU ≥ 45 %: {100 * t['h14_mfu']:.1f} % ({'met' if t['h14_mfu_ge_45pct'] else 'not met'}); "
+    met = {True: "met", False: "not met", None: "not measured"}
+    lines += ["", f"Targets: ViT-H/14 MFU ≥ 45 %: {100 * t['h14_mfu']:.1f} % ({met[t['h14_mfu_ge_45pct']]}); "
               f"≥ 1.5× the original-style step: {t['h14_speedup_over_original']:.2f}× "
-              f"({'met' if t['speedup_ge_1_5x'] else 'not met'}); dry-run memory within 15 % of the peak: "
-              f"{ {True: 'met', False: 'not met', None: 'not measured'}[t['memory_estimate_within_15pct']] }."]
+              f"({met[t['speedup_ge_1_5x']]}); dry-run memory within 15 % of the peak: "
+              f"{met[t['memory_estimate_within_15pct']]}."]
     return "\n".join(lines)
 
 

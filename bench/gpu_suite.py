@@ -276,8 +276,8 @@ def main(argv=None) -> dict:
     free(device)
     report["speedup_over_original"] = {o["arch"]: o["step_ms"] / s["step_ms"]
                                        for o, s in zip(report["original_step"], report["semi_step"])}
-    section(report, "compile", lambda: semi_step(big, img, device, step_dtype, b=b_big, mu=5, iters=iters, peak_tflops=peak,
-                                                 compile_backend="eager" if smoke else "inductor"))
+    section(report, "compile", lambda: semi_step(big, img, device, step_dtype, b=b_big, mu=5, iters=iters,
+                                                 peak_tflops=peak, compile_backend="eager" if smoke else "inductor"))
     free(device)
     cap = 2 if smoke else 128  # labelled; x 6 images per step with mu = 5
     search_iters = 1 if smoke else 3  # trials at large batches take seconds per step

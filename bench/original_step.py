@@ -43,7 +43,8 @@ class OriginalStep:
                  smoothing: float = 0.1, decay: float = 0.9999, lr: float = 1e-4, dtype=torch.bfloat16):
         self.student, self.classes = student, classes
         self.teacher = copy.deepcopy(student).eval().requires_grad_(False)
-        self.threshold, self.lambda_u, self.smoothing, self.decay, self.dtype = threshold, lambda_u, smoothing, decay, dtype
+        self.threshold, self.lambda_u, self.smoothing = threshold, lambda_u, smoothing
+        self.decay, self.dtype = decay, dtype
         self.optimizer = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.05)
         self.rng = np.random.default_rng(0)
 

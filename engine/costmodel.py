@@ -8,7 +8,8 @@ Activations are counted per transformer block from what each op saves (PyTorch's
   fp32 residual stream x2 (LayerNorm inputs) + LayerNorm statistics, and in the run's precision
   (bf16 under autocast) the inputs of qkv / fc1 / fc2, the qkv output (q, k, v views), the attention
   output (also proj's input) + its fp32 log-sum-exp (`math` attention: copies of the scaled q, k and v,
-  the T x T softmax and a copy for proj instead) and the GELU input. Activation checkpointing keeps only each block's input, plus one block recomputed.
+  the T x T softmax and a copy for proj instead) and the GELU input. Activation checkpointing keeps
+  only each block's input, plus one block recomputed.
 The total is a sum of the rows, an upper bound of the peak (gradients and activations are never all
 alive at once). FLOPs: forward GFLOPs per image (engine.models.flops) x 3 for the student's forward and
 backward (+1 recompute with checkpointing), + 1 for the teacher's forward over the unlabelled images.

@@ -77,8 +77,6 @@ def steps_per_epoch(name: str, cfg: Config, world: int) -> tuple[int, int, str]:
 
 
 def memory_lines(name: str, cfg: Config, model, world: int, gpu_key: str) -> list[str]:
-    from engine.models.flops import param_count
-
     gpu = cm.GPUS[gpu_key]
     act = cm.precision_bytes(cfg)
     params, trainable = param_count(model), param_count(model, trainable_only=True)

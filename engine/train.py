@@ -1,4 +1,5 @@
-"""The one entry point: python -m engine.train [--cfg FILE] [--out DIR] [--dry-run [--dry-run-gpu GPU]] [--section.key VALUE ...]
+"""The one entry point:
+python -m engine.train [--cfg FILE] [--out DIR] [--dry-run [--dry-run-gpu GPU]] [--section.key VALUE ...]
 
 With no --cfg it runs the embedded demo (configs/digits.toml). Exit codes: 0 done, 2 bad input
 (config, paths, data, checkpoints; nothing lost), 3 interrupted by SIGTERM/SIGINT after saving.

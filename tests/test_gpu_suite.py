@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from bench.gpu_report import update_results_md
+from bench.gpu_report import markdown, update_results_md
 from bench.gpu_suite import main
 
 
@@ -33,3 +33,6 @@ def test_gpu_suite_smoke(tmp_path):
     assert text.startswith("# Benchmark results\n\nkept") and "SMOKE RUN" in text and "not applicable" in text
     update_results_md(md, report)  # a rerun replaces the table
     assert md.read_text().count("gpu-suite:start") == 1
+    # the GPU form of the table renders too (smoke numbers, never written anywhere)
+    gpu_form = markdown({**report, "smoke": False, "spec_peak_tflops_bf16": 989.0})
+    assert "Targets: ViT-H/14 MFU ≥ 45 %" in gpu_form and "SMOKE" not in gpu_form

@@ -116,6 +116,7 @@ def test_phase_table_uses_host_ranges_and_the_profiler_step():
               ev("aten::mm", 5_000)]
     table = profiling.phase_table(events, steps=2)
     assert table["steps"] == 2 and table["step_ms"] == 12.0
-    assert table["phases"] == {"data": {"ms": 2.0, "share": 0.1667}, "student_forward_backward": {"ms": 9.0, "share": 0.75}}
+    assert table["phases"] == {"data": {"ms": 2.0, "share": 0.1667},
+                               "student_forward_backward": {"ms": 9.0, "share": 0.75}}
     assert table["other_ms"] == 1.0
     assert "| **step** | **12.00** | 100 % |" in profiling.format_table(table)
