@@ -28,25 +28,29 @@ def markdown(report: dict) -> str:
                      f"{100 * s['mfu']:.1f} % | {_f(s['peak_gib'], '.2f')} | {s['estimate_gib']:.2f} | "
                      f"{_f(s['estimate_over_peak'], '.2f')} |")
 
-    for s in report["semi_step"]:
+    for s in report["semi_step"] or []:
         row(f"{s['arch']}, engine step", s)
-    row(f"{report['compile']['arch']}, engine step, torch.compile", report["compile"])
-    for r in report["largest_batch"]:
+    if report["compile"]:
+        row(f"{report['compile']['arch']}, engine step, torch.compile", report["compile"])
+    for r in report["largest_batch"] or []:
         if r["step"]:
             what = "with" if r["checkpointing"] else "without"
             note = " (search cap)" if r["capped"] else " (time budget ran out)" if r["out_of_time"] else ""
             row(f"{r['step']['arch']}, largest batch {what} activation checkpointing{note}", r["step"])
     lines += ["", "| original-style step (bench/original_step.py) | labelled + unlabelled | ms per step | "
               "engine step speed-up |", "|---|---|---|---|"]
-    for o in report["original_step"]:
+    for o in report["original_step"] or []:
         lines.append(f"| {o['arch']} | {o['labelled']} + {o['unlabelled']} | {o['step_ms']:.1f} | "
-                     f"{report['speedup_over_original'][o['arch']]:.2f}× |")
+                     f"{_f(report['speedup_over_original'].get(o['arch']), '.2f')}× |")
+    for name, error in report.get("errors", {}).items():
+        lines += ["", f"`{name}` failed: {error}"]
     t = report["targets"]
     if report["smoke"]:
         return "\n".join(lines + ["", "Targets: not applicable to a smoke run."])
     met = {True: "met", False: "not met", None: "not measured"}
-    lines += ["", f"Targets: ViT-H/14 MFU ≥ 45 %: {100 * t['h14_mfu']:.1f} % ({met[t['h14_mfu_ge_45pct']]}); "
-              f"≥ 1.5× the original-style step: {t['h14_speedup_over_original']:.2f}× "
+    lines += ["", f"Targets: ViT-H/14 MFU ≥ 45 %: {_f(t['h14_mfu'] and 100 * t['h14_mfu'])} % "
+              f"({met[t['h14_mfu_ge_45pct']]}); ≥ 1.5× the original-style step: "
+              f"{_f(t['h14_speedup_over_original'], '.2f')}× "
               f"({met[t['speedup_ge_1_5x']]}); dry-run memory within 15 % of the peak: "
               f"{met[t['memory_estimate_within_15pct']]}."]
     return "\n".join(lines)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bench.gpu_report import markdown, update_results_md
-from bench.gpu_suite import main
+from bench.gpu_suite import main, section, targets
 
 
 @pytest.fixture(autouse=True)
@@ -36,3 +36,10 @@ def test_gpu_suite_smoke(tmp_path):
     # the GPU form of the table renders too (smoke numbers, never written anywhere)
     gpu_form = markdown({**report, "smoke": False, "spec_peak_tflops_bf16": 989.0})
     assert "Targets: ViT-H/14 MFU ≥ 45 %" in gpu_form and "SMOKE" not in gpu_form
+    # a part that fails (e.g. torch.compile without Triton) is recorded and the rest still reports
+    broken = dict(report)
+    section(broken, "compile", lambda: (_ for _ in ()).throw(RuntimeError("no working Triton\ndetails")))
+    assert broken["compile"] is None and broken["errors"] == {"compile": "RuntimeError: no working Triton"}
+    broken["targets"] = targets(broken, "vit_digits_small")
+    assert "`compile` failed: RuntimeError: no working Triton" in markdown({**broken, "smoke": False})
+
