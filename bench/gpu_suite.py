@@ -4,20 +4,27 @@
 2. forward throughput and peak memory of ViT-B/16 and ViT-H/14 at 224 px (bf16 autocast);
 3. the real Semi-ViT training step (engine.stages.semi + the shared optimizer step, EMA included) in
    bf16 on synthetic tensors: ViT-B/16 with 16 labelled + 80 unlabelled, ViT-H/14 with 2 + 10; img/s,
-   peak memory and MFU = achieved FLOP/s (the model's forward GFLOPs x 3 for the student's forward and
-   backward over B + mu B images, + 1 for the teacher's forward over mu B) / the matmul peak measured
-   here on a large bf16 matmul;
-4. the fused kernels (bench.gpu_kernels): each against its reference on the GPU, achieved GB/s against
-   the measured device-to-device copy bandwidth; and the ViT-B/16 semi step with the Triton kernels
-   against the same step with the torch versions (`run.kernels = triton` vs `torch`).
+   peak memory against the dry run's estimate (engine.costmodel), and MFU = achieved model FLOP/s
+   (forward GFLOPs x (3 x (B + mu B) student + mu B teacher); checkpointing's recompute not counted) /
+   the matmul peak measured here on a large bf16 matmul (the data-sheet peak is recorded too);
+4. the original-style step (bench/original_step.py) on the same GPU and batches: the speed-up of (3);
+5. ViT-B/16 with run.compile on (torch.compile) against (3);
+6. ViT-H/14 at the largest labelled batch per GPU that fits (unlabelled = 5 x; doubling from 2 up to
+   128, then halving the gap twice; 3 timed steps per trial; no new trial after --budget seconds),
+   with and without activation checkpointing.
+7. the fused kernels (bench.gpu_kernels, without its launch-setting sweep): each against its reference on
+   the GPU, achieved GB/s against the measured device-to-device copy bandwidth; and the ViT-B/16 semi
+   step with the Triton kernels against the same step with the torch versions (run.kernels).
 
-Writes one JSON file (device name, date, versions, every number). `--smoke` runs the same code on the
-CPU with a tiny model, so the script is tested where there is no GPU.
+Writes one JSON file (device name, date, versions, every number) under bench/results/ and its table
+into bench/RESULTS.md (bench/gpu_report.py). `--smoke` runs the same code on the CPU with tiny models,
+so the script is tested where there is no GPU; a smoke run writes no GPU number anywhere.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import time
@@ -27,8 +34,11 @@ from pathlib import Path
 import torch
 
 from bench import gpu_kernels
+from bench.gpu_report import update_results_md
+from bench.original_step import OriginalStep
+from engine import costmodel as cm
 from engine.config import Config, DataConfig, ModelConfig, SemiConfig
-from engine.models import build_vit, forward_gflops
+from engine.models import build_vit, forward_gflops, param_count
 from engine.optim import build_optimizer
 from engine.runtime import Runtime
 from engine.stages.loop import optimizer_step
@@ -62,6 +72,12 @@ def peak_gib(device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
 
+def build_on(device, arch: str, **kwargs):
+    """Build and initialise the model on the device itself: ViT-H's init takes seconds on a CPU."""
+    with torch.device(device):
+        return build_vit(arch, **kwargs)
+
+
 def matmul_peak_tflops(device, dtype, n: int) -> float:
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
@@ -71,7 +87,7 @@ def matmul_peak_tflops(device, dtype, n: int) -> float:
 
 def attention_agreement(arch: str, img: int, device, dtype, batch: int) -> dict:
     torch.manual_seed(0)
-    model = build_vit(arch, img_size=img).to(device).eval()
+    model = build_on(device, arch, img_size=img).eval()
     x = torch.randn(batch, model.patch_embed.proj.in_channels, img, img, device=device)
     outs, result = {}, {}
     for backend in ("sdpa", "math", "xformers"):
@@ -89,12 +105,12 @@ def attention_agreement(arch: str, img: int, device, dtype, batch: int) -> dict:
 
 
 def forward_throughput(arch: str, img: int, device, dtype, batch: int, iters: int) -> dict:
-    model = build_vit(arch, img_size=img).to(device).eval()
+    model = build_on(device, arch, img_size=img).eval()
     x = torch.randn(batch, model.patch_embed.proj.in_channels, img, img, device=device)
     peak_reset(device)
 
     def step():
-        with torch.no_grad(), torch.autocast(device.type, dtype=dtype):
+        with torch.no_grad(), Runtime(device=device, dtype=dtype).autocast():
             model(x)
 
     seconds = timed(step, device, warmup=3, iters=iters)
@@ -105,7 +121,7 @@ def forward_throughput(arch: str, img: int, device, dtype, batch: int, iters: in
 class MetricSink:
     """Takes the training step's metrics and records nothing (timing runs only)."""
 
-    def accumulate(self, metrics, images):
+    def accumulate(self, metrics, images, data_wait=0.0):
         pass
 
 
@@ -125,32 +141,120 @@ class _Synthetic:
             yield batch
 
 
-def semi_step(arch: str, img: int, device, dtype, b: int, mu: int, iters: int, peak_tflops: float) -> dict:
-    cfg = Config(model=ModelConfig(arch=arch, img_size=img), data=DataConfig(batch_size=b, root="synthetic"),
-                 semi=SemiConfig(mu=mu))
+def semi_step(arch: str, img: int, device, dtype, b: int, mu: int, iters: int, peak_tflops: float,
+              checkpointing: bool = False, compile_backend: str | None = None) -> dict:
+    cfg = Config(model=ModelConfig(arch=arch, img_size=img, grad_checkpointing=checkpointing),
+                 data=DataConfig(batch_size=b, root="synthetic"), semi=SemiConfig(mu=mu))
     rt = Runtime(device=device, dtype=dtype)
-    student = build_vit(arch, img_size=img).to(device)
+    student = build_on(device, arch, img_size=img, grad_checkpointing=checkpointing)
+    forward = torch.compile(student, backend=compile_backend) if compile_backend else student
     data = _Synthetic(b, mu, student.patch_embed.proj.in_channels, img, 1000, device)
-    stage = SemiStage(cfg, data, student, student)
+    stage = SemiStage(cfg, data, student, forward)
     optimizer = build_optimizer(student, cfg.optim, lr=1e-4)
     params = [p for p in student.parameters() if p.requires_grad]
     batches = zip(data.forever(data.labelled_batch), data.forever(data.unlabelled_batch))
     peak_reset(device)
 
     def step():
-        optimizer_step(stage, student, optimizer, params, batches, cfg, rt, MetricSink())
+        optimizer_step(stage, forward, optimizer, params, batches, cfg, rt, MetricSink())
         stage.after_step()
 
-    seconds = timed(step, device, warmup=3, iters=iters)
+    seconds = timed(step, device, warmup=min(3, iters), iters=iters)
     gflops = forward_gflops(student, img)
-    flops_per_step = gflops * 1e9 * (3 * (b + mu * b) + mu * b)
+    flops_per_step = gflops * 1e9 * (3 * (b + mu * b) + mu * b)  # model FLOPs: a recompute is not counted
     achieved = flops_per_step / seconds / 1e12
+    result = {"arch": arch, "labelled": b, "unlabelled": mu * b, "checkpointing": checkpointing,
+              "compile": compile_backend, "step_ms": seconds * 1e3, "img_per_s": (b + mu * b) / seconds,
+              "achieved_tflops": achieved, "mfu": achieved / peak_tflops}
+    result.update(memory_check(cfg, student, device, dtype, checkpointing))
+    return result
+
+
+def memory_check(cfg: Config, student, device, dtype, checkpointing: bool) -> dict:
+    """Measured peak against the dry run's estimate for the same config (one process)."""
+    p, trainable = param_count(student), param_count(student, trainable_only=True)
+    act = 2 if dtype is not None else 4
+    rows = cm.memory_rows("semi", cfg, p, trainable, world=1, act=act, checkpointing=checkpointing)
+    estimate = sum(rows.values()) / 2**30
+    peak = peak_gib(device)
+    return {"peak_gib": peak, "estimate_gib": estimate,
+            "estimate_over_peak": estimate / peak if peak else None}
+
+
+def original_step(arch: str, img: int, device, dtype, b: int, mu: int, iters: int) -> dict:
+    torch.manual_seed(0)
+    student = build_on(device, arch, img_size=img)
+    data = _Synthetic(b, mu, student.patch_embed.proj.in_channels, img, 1000, device)
+    (x, y), (u_weak, u_strong, _) = data.labelled_batch, data.unlabelled_batch
+    step = OriginalStep(student, classes=1000, dtype=dtype)
+    seconds = timed(lambda: step(x, y, u_weak, u_strong), device, warmup=min(2, iters), iters=iters)
     return {"arch": arch, "labelled": b, "unlabelled": mu * b, "step_ms": seconds * 1e3,
-            "img_per_s": (b + mu * b) / seconds, "peak_gib": peak_gib(device),
-            "achieved_tflops": achieved, "mfu": achieved / peak_tflops}
+            "img_per_s": (b + mu * b) / seconds}
 
 
-def kernels_step_comparison(arch: str, img: int, device, dtype, iters: int, peak: float, smoke: bool) -> dict:
+def free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def largest_batch(arch: str, img: int, device, dtype, mu: int, iters: int, peak: float, checkpointing: bool,
+                  cap: int, deadline: float) -> dict:
+    """The largest even labelled batch (up to `cap`) whose step runs: doubling, then two bisections;
+    no new trial starts after `deadline` (time.perf_counter()), so the suite keeps to its time budget."""
+    def fits(b):
+        try:
+            return semi_step(arch, img, device, dtype, b, mu, iters, peak, checkpointing=checkpointing)
+        except torch.OutOfMemoryError:
+            return None
+        finally:
+            free(device)
+
+    best, b, failed = None, 2, None
+    while b <= cap and time.perf_counter() < deadline:
+        result = fits(b)
+        if result is None:
+            failed = b
+            break
+        best, b = result, 2 * b
+    for _ in range(2):  # narrow the gap between the last fit and the first failure
+        if best is None or failed is None or failed - best["labelled"] <= 2 or time.perf_counter() > deadline:
+            break
+        mid = (best["labelled"] + failed) // 4 * 2
+        result = fits(mid)
+        best, failed = (result, failed) if result is not None else (best, mid)
+    out_of_time = failed is None and b <= cap  # stopped by the deadline before reaching the cap
+    return {"checkpointing": checkpointing, "largest_labelled": best["labelled"] if best else 0,
+            "first_failed": failed, "capped": failed is None and not out_of_time, "out_of_time": out_of_time,
+            "step": best}
+
+
+def section(report: dict, name: str, fn):
+    """Run one part; a failure (e.g. torch.compile without a working Triton) is recorded, not fatal, so
+    the rest of a lent device's minutes still produce numbers."""
+    t0 = time.perf_counter()
+    try:
+        report[name] = fn()
+    except Exception as err:  # noqa: BLE001 (recorded in the JSON and the table)
+        report[name] = None
+        report.setdefault("errors", {})[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    report.setdefault("seconds", {})[name] = round(time.perf_counter() - t0, 1)
+
+
+def steps(report: dict, name: str) -> list[dict]:
+    """The step results of a section, [] when it failed."""
+    value = report.get(name)
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+def spec_peak(device_name: str) -> float | None:
+    for gpu in cm.GPUS.values():
+        if all(m in device_name for m in gpu.match):
+            return gpu.bf16_tflops
+    return None
+
+
+def kernels_step_comparison(arch: str, img: int, device, dtype, b: int, iters: int, peak: float) -> dict:
     """The same semi step with the fused kernels (triton on CUDA; native or torch in smoke mode) and with
     the torch versions, alternated twice so clocks and caches treat both alike."""
     fused = "triton" if device.type == "cuda" else "auto"
@@ -159,7 +263,7 @@ def kernels_step_comparison(arch: str, img: int, device, dtype, iters: int, peak
         for backend in rows:
             dispatch.set_default(backend)
             try:
-                rows[backend].append(semi_step(arch, img, device, dtype, b=16, mu=5, iters=iters,
+                rows[backend].append(semi_step(arch, img, device, dtype, b=b, mu=5, iters=iters,
                                                peak_tflops=peak)["step_ms"])
             finally:
                 dispatch.set_default("auto")
@@ -171,25 +275,59 @@ def kernels_step_comparison(arch: str, img: int, device, dtype, iters: int, peak
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="", help="JSON file (default bench/results/gpu-<device>-<date>.json)")
+    parser.add_argument("--results-md", default="", help="markdown file to put the table in (default "
+                        "bench/RESULTS.md; a smoke run writes none unless given)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script itself")
+    parser.add_argument("--budget", type=float, default=420.0,
+                        help="seconds after which the largest-batch search starts no new trial (default 420)")
     args = parser.parse_args(argv)
     smoke = args.smoke or not torch.cuda.is_available()
     device = torch.device("cpu" if smoke else "cuda")
     dtype = torch.bfloat16
+    # The training steps run in bf16 on the GPU; the smoke run keeps them in fp32, because bf16 matmuls
+    # on a CPU without bf16 units take seconds even for tiny models (the bf16 attention check still runs).
+    step_dtype = None if smoke else dtype
     name = "cpu (smoke)" if smoke else torch.cuda.get_device_name(device)
     big, huge, img = ("vit_digits_tiny", "vit_digits_small", 16) if smoke else \
         ("vit_base_patch16", "vit_huge_patch14", 224)
-    iters = 2 if smoke else 20
+    iters = 1 if smoke else 10
+    b_big = 4 if smoke else 16  # labelled images per step of ViT-B/16 (the B/16 recipes' batch per GPU)
+    t_start = time.perf_counter()
     report = {"device": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "torch": torch.__version__, "python": platform.python_version(), "smoke": smoke}
+              "torch": torch.__version__, "python": platform.python_version(), "smoke": smoke,
+              "step_precision": "bf16 autocast" if step_dtype else "fp32"}
     report["matmul_peak_tflops_bf16"] = peak = matmul_peak_tflops(device, dtype, 256 if smoke else 8192)
-    report["attention_bf16"] = attention_agreement(big, img, device, dtype, batch=4 if smoke else 32)
-    report["forward"] = [forward_throughput(big, img, device, dtype, batch=8 if smoke else 256, iters=iters),
-                         forward_throughput(huge, img, device, dtype, batch=8 if smoke else 64, iters=iters)]
-    report["semi_step"] = [semi_step(big, img, device, dtype, b=16, mu=5, iters=iters, peak_tflops=peak),
-                           semi_step(huge, img, device, dtype, b=2, mu=5, iters=iters, peak_tflops=peak)]
-    report["kernels"] = gpu_kernels.run(smoke=smoke)
-    report["semi_step_kernels"] = kernels_step_comparison(big, img, device, dtype, iters, peak, smoke)
+    report["spec_peak_tflops_bf16"] = None if smoke else spec_peak(name)
+    section(report, "attention_bf16", lambda: attention_agreement(big, img, device, dtype, batch=4 if smoke else 32))
+    section(report, "forward", lambda: [
+        forward_throughput(big, img, device, step_dtype, batch=8 if smoke else 256, iters=iters),
+        forward_throughput(huge, img, device, step_dtype, batch=8 if smoke else 64, iters=iters)])
+    section(report, "semi_step", lambda: [
+        semi_step(big, img, device, step_dtype, b=b_big, mu=5, iters=iters, peak_tflops=peak),
+        semi_step(huge, img, device, step_dtype, b=2, mu=5, iters=iters, peak_tflops=peak)])
+    free(device)
+    section(report, "original_step", lambda: [original_step(big, img, device, step_dtype, b=b_big, mu=5, iters=iters),
+                                              original_step(huge, img, device, step_dtype, b=2, mu=5, iters=iters)])
+    free(device)
+    report["speedup_over_original"] = {o["arch"]: o["step_ms"] / s["step_ms"]
+                                       for o, s in zip(steps(report, "original_step"), steps(report, "semi_step"))}
+    section(report, "compile", lambda: semi_step(big, img, device, step_dtype, b=b_big, mu=5, iters=iters,
+                                                 peak_tflops=peak, compile_backend="eager" if smoke else "inductor"))
+    free(device)
+    section(report, "kernels", lambda: gpu_kernels.run(smoke=smoke, sweep=False, compile_=False))
+    free(device)
+    section(report, "semi_step_kernels", lambda: kernels_step_comparison(big, img, device, step_dtype, b_big, iters, peak))
+    free(device)
+    cap = 2 if smoke else 128  # labelled; x 6 images per step with mu = 5
+    search_iters = 1 if smoke else 3  # trials at large batches take seconds per step
+    deadline = t_start + args.budget
+    section(report, "largest_batch", lambda: [
+        largest_batch(huge, img, device, step_dtype, 5, search_iters, peak, checkpointing=False, cap=cap,
+                      deadline=deadline),
+        largest_batch(huge, img, device, step_dtype, 5, search_iters, peak, checkpointing=True, cap=cap,
+                      deadline=deadline)])
+    report["targets"] = targets(report, huge)
+    report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
     text = json.dumps(report, indent=2)
     print(text)
     if args.out or not smoke:
@@ -197,7 +335,25 @@ def main(argv=None) -> dict:
         out = Path(args.out or f"bench/results/gpu-{name.replace(' ', '_')}-{stamp}.json")
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(text + "\n")
+        report["json"] = str(out)
+    if args.results_md or not smoke:
+        update_results_md(Path(args.results_md or "bench/RESULTS.md"), report)
     return report
+
+
+def targets(report: dict, huge: str) -> dict:
+    """The issue's GPU targets, checked on what was measured (ViT-H/14 at its largest batch without
+    checkpointing, else at the recipe batch)."""
+    fitted = [r["step"] for r in steps(report, "largest_batch") if r["step"] and not r["checkpointing"]]
+    h = (fitted or [s for s in steps(report, "semi_step") if s["arch"] == huge] or [None])[0]
+    speedup = report["speedup_over_original"].get(huge)
+    searched = [r["step"] for r in steps(report, "largest_batch") if r["step"]]
+    measured = [s for s in [*steps(report, "semi_step"), *steps(report, "compile"), *searched]
+                if s.get("estimate_over_peak")]
+    return {"h14_mfu": h["mfu"] if h else None, "h14_mfu_ge_45pct": h["mfu"] >= 0.45 if h else None,
+            "h14_speedup_over_original": speedup, "speedup_ge_1_5x": speedup >= 1.5 if speedup else None,
+            "memory_estimate_within_15pct": all(abs(s["estimate_over_peak"] - 1) <= 0.15 for s in measured)
+            if measured else None}
 
 
 if __name__ == "__main__":

@@ -48,6 +48,8 @@ def test_bench_demo_step(benchmark, name):
     for _ in range(3):  # warm-up: allocator, optimizer state
         step()
     benchmark.pedantic(step, rounds=20, iterations=1)
+    if benchmark.stats is None:  # --benchmark-disable (CI's smoke mode): the step ran once, nothing timed
+        return
     img_per_s = images / benchmark.stats.stats.median
     benchmark.extra_info["img_per_s"] = img_per_s
     print(f"\ndemo {name} step: {benchmark.stats.stats.median * 1e3:.1f} ms median, {img_per_s:.0f} img/s "

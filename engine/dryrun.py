@@ -1,9 +1,11 @@
-"""--dry-run: what a recipe will do, without allocating weights (meta device) or touching a GPU."""
+"""--dry-run: what a recipe will do, without allocating weights (meta device) or touching a GPU, and
+what it will cost on the chosen GPU (engine.costmodel): memory per GPU, FLOPs, projected wall time."""
 
 from __future__ import annotations
 
 import torch
 
+from engine import costmodel as cm
 from engine.config import Config, RunPlan
 from engine.errors import UserError
 from engine.models.build import build_model
@@ -13,7 +15,7 @@ from engine.optim import absolute_lr
 from engine.runtime import env_world
 
 
-def stage_summary(name: str, cfg: Config) -> list[str]:
+def stage_summary(name: str, cfg: Config, gpu_key: str = cm.DEFAULT_GPU) -> list[str]:
     _, env_world_size, _ = env_world()
     world = env_world_size if env_world_size > 1 else cfg.dist.world_size
     with torch.device("meta"):
@@ -41,7 +43,10 @@ def stage_summary(name: str, cfg: Config) -> list[str]:
         source = "optim.lr" if cfg.optim.lr > 0 else f"blr {cfg.optim.blr:g} x {labelled}/256"
         lines.append(f"  absolute lr       {lr:.4g}  ({source}), layer decay {cfg.optim.layer_decay}, "
                      f"{cfg.schedule.epochs:g} epochs, warm-up {cfg.schedule.warmup_epochs:g}")
-        lines.append(f"  steps per epoch   {steps_per_epoch(name, cfg, world)}")
+        steps, images, assumed = steps_per_epoch(name, cfg, world)
+        lines.append(f"  steps per epoch   {steps}  ({images} images{'; ' + assumed if assumed else ''})")
+        lines += memory_lines(name, cfg, model, world, gpu_key)
+        lines += cost_lines(name, cfg, gflops, world, steps, gpu_key)
     return lines
 
 
@@ -67,13 +72,22 @@ def trace_semi_ops(cfg: Config) -> str:
             f"tensors through the {chosen} ops")
 
 
-def steps_per_epoch(name: str, cfg: Config, world: int) -> str:
+def steps_per_epoch(name: str, cfg: Config, world: int) -> tuple[int, int, str]:
+    """(steps, images per epoch, the assumption made when the data is not on this machine, else "")."""
     from dataloading import describe_data
 
+    assumed = ""
     try:
         counts = describe_data(cfg.data)
     except UserError as err:
-        return f"unknown: data not available here ({err})"
+        if cfg.data.source != "imagefolder":
+            raise
+        # A recipe is usually checked away from its data: assume ImageNet-1k and the recipe's split.
+        labelled = (cfg.data.labels_per_class * 1000 if cfg.data.labels_per_class
+                    else round(cfg.data.label_fraction * cm.IMAGENET_TRAIN))
+        counts = {"labelled": labelled, "unlabelled": cm.IMAGENET_TRAIN - labelled}
+        assumed = (f"assumed ImageNet-1k train, {cm.IMAGENET_TRAIN:,} images split by data.label_fraction: "
+                   f"data not available here ({str(err).split(':')[0]})")
     per_step = cfg.data.batch_size * world * cfg.optim.accum_steps
     if name == "semi":
         per_step *= cfg.semi.mu
@@ -82,12 +96,69 @@ def steps_per_epoch(name: str, cfg: Config, world: int) -> str:
         n = counts["labelled"] + counts["unlabelled"]
     else:
         n = counts["labelled"]
-    return f"{n // per_step}  ({n} images)"
+    return n // per_step, n, assumed
 
 
-def dry_run(plan: RunPlan) -> str:
-    lines = [f"dry run of {plan.source}: stages {' -> '.join(plan.stages)}"]
+def memory_lines(name: str, cfg: Config, model, world: int, gpu_key: str) -> list[str]:
+    gpu = cm.GPUS[gpu_key]
+    act = cm.precision_bytes(cfg)
+    params, trainable = param_count(model), param_count(model, trainable_only=True)
+    student, _ = cm.micro_batch(name, cfg)
+    plain = cm.memory_rows(name, cfg, params, trainable, world, act, checkpointing=False)
+    ckpt = cm.memory_rows(name, cfg, params, trainable, world, act, checkpointing=True)
+    what = "bf16 autocast" if act == 2 else "fp32"
+    images = f"{cfg.data.batch_size} + {student - cfg.data.batch_size}" if name == "semi" else f"{student}"
+    lines = [f"  memory per GPU    GiB, {what}, {images} images per micro-step, {world} process(es); "
+             f"the totals add every row: an upper bound of the peak"]
+    key = "activations (saved for backward)"
+    for row, value in plain.items():
+        extra = f"   ({ckpt[key] / cm.GIB:.3g} with activation checkpointing)" if row == key else ""
+        lines.append(f"    {row:<36}{value / cm.GIB:8.3g}{extra}")
+    budget = cm.USABLE * gpu.memory_gib
+    capacity = f"{gpu.memory_gib:g} GiB nominal, plan on {100 * cm.USABLE:.0f} %"
+    uses = "" if cfg.model.grad_checkpointing else "  <- this recipe"
+    for label, rows, mark in (("total", plain, uses), ("total with activation checkpointing", ckpt,
+                                                       "  <- this recipe" if not uses else "")):
+        total = sum(rows.values()) / cm.GIB
+        verdict = "fits" if total <= budget else "does NOT fit"
+        lines.append(f"    {label:<36}{total:8.3g}   {verdict} {gpu_key} ({capacity}){mark}")
+    return lines
+
+
+def cost_lines(name: str, cfg: Config, gflops: float, world: int, steps: int, gpu_key: str) -> list[str]:
+    gpu = cm.GPUS[gpu_key]
+    per_step = cm.stage_flops(name, cfg, gflops, world)
+    total_steps = max(1, round(cfg.schedule.epochs * steps))
+    if cfg.schedule.max_steps:
+        total_steps = min(total_steps, cfg.schedule.max_steps)
+    total = per_step * total_steps
+    student, teacher = cm.micro_batch(name, cfg)
+    passes = "4 (checkpointing recomputes the forward)" if cfg.model.grad_checkpointing else "3"
+    recipe = f"student forward + backward {passes} x {gflops:.4g} GFLOP x {student} images"
+    if teacher:
+        recipe += f" + teacher forward {gflops:.4g} GFLOP x {teacher}"
+    lines = [f"  training FLOPs    {cm.human_flops(per_step)} per step (all processes), "
+             f"{cm.human_flops(per_step * steps)} per epoch, {cm.human_flops(total)} in total ({total_steps} steps)",
+             f"                    per process and micro-step: {recipe}"]
+    measured = cm.measured_throughput(gpu_key, cfg.model.arch)
+    if measured:
+        tflops, source = measured
+    else:
+        peak = gpu.tf32_tflops if cm.precision_bytes(cfg) == 4 else gpu.bf16_tflops
+        tflops = cm.ASSUMED_MFU * peak
+        source = (f"ASSUMED MFU {100 * cm.ASSUMED_MFU:.0f} % of the {peak:g} TFLOP/s "
+                  f"{'tf32' if cm.precision_bytes(cfg) == 4 else 'bf16'} spec peak: no GPU-suite measurement for "
+                  f"{gpu_key} in bench/results/")
+    seconds = total / (world * tflops * 1e12)
+    lines.append(f"  projected time    {cm.human_time(seconds)} on {world} x {gpu.name} at {tflops:.0f} TFLOP/s each, "
+                 f"compute only ({source})")
+    return lines
+
+
+def dry_run(plan: RunPlan, gpu_key: str = cm.DEFAULT_GPU) -> str:
+    cm.gpu(gpu_key)  # an unknown name is a one-line error before anything is built
+    lines = [f"dry run of {plan.source}: stages {' -> '.join(plan.stages)}; costs for {gpu_key}"]
     for name, cfg in plan.stages.items():
-        lines += stage_summary(name, cfg)
+        lines += stage_summary(name, cfg, gpu_key)
     lines.append("nothing was trained; the config is valid.")
     return "\n".join(lines)

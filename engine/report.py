@@ -10,6 +10,8 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
+from engine.profiling import format_table  # noqa: E402
+
 PLOTS = {
     "accuracy": ("eval", ("top1", "teacher_top1"), "top-1 (%)"),
     "loss": ("train", ("loss", "loss_x", "loss_u"), "loss"),
@@ -82,6 +84,12 @@ def write_report(run_dir: Path, results: dict) -> None:
     for name, (kind, keys, ylabel) in PLOTS.items():
         if plot(rows, kind, keys, ylabel, run_dir / f"{name}.png"):
             parts += [f"## {name.replace('_', ' ')}", "", f"![{name}]({name}.png)", ""]
+    for name, stage in results.get("stages", {}).items():
+        if "profile" in stage:
+            prof = stage["profile"]
+            parts += [f"## Profile: {name}", "", f"torch.profiler over {prof['steps']} steps ({prof['device']}); "
+                      f"Chrome trace `{prof['trace']}` (open in chrome://tracing or ui.perfetto.dev).", "",
+                      format_table(prof), ""]
     if (run_dir / "reconstruction.png").is_file():  # written by the MAE stage's last evaluation
         parts += ["## MAE reconstruction", "", "Rows: masked input, reconstruction (visible patches pasted back), "
                   "original.", "", "![reconstruction](reconstruction.png)", ""]

@@ -1,4 +1,5 @@
-"""The one entry point: python -m engine.train [--cfg FILE] [--out DIR] [--dry-run] [--section.key VALUE ...]
+"""The one entry point:
+python -m engine.train [--cfg FILE] [--out DIR] [--dry-run [--dry-run-gpu GPU]] [--section.key VALUE ...]
 
 With no --cfg it runs the embedded demo (configs/digits.toml). Exit codes: 0 done, 2 bad input
 (config, paths, data, checkpoints; nothing lost), 3 interrupted by SIGTERM/SIGINT after saving.
@@ -27,6 +28,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[tuple[s
     parser.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the model on the meta device and print its size, cost, batches and lr; no training")
+    parser.add_argument("--dry-run-gpu", default=None, metavar="GPU",
+                        help="GPU the dry run's memory, FLOPs and time are for: h100-80gb (default), a100-40gb, "
+                             "a100-80gb, h200")
     args, rest = parser.parse_known_args(argv)
     return args, parse_overrides(rest, parser)
 
@@ -67,11 +71,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no --cfg given: running the embedded demo, {DEMO.relative_to(DEMO.parent.parent)} "
               f"(scikit-learn digits, all stages, CPU-friendly)")
     try:
+        if args.dry_run_gpu and not args.dry_run:
+            raise UserError("--dry-run-gpu only applies to a dry run: add --dry-run")
         plan = load_plan(cfg_path, overrides)
         if args.dry_run:
             from engine.dryrun import dry_run
 
-            print(dry_run(plan))
+            print(dry_run(plan, args.dry_run_gpu) if args.dry_run_gpu else dry_run(plan))
             return 0
         from engine.session import run_plan
 

@@ -114,7 +114,7 @@ def test_semi_loss_is_loss_x_plus_lambda_u_times_masked_loss_u():
     stage.student.eval()  # no drop-path noise so the check can recompute the forward
     batch = next(stage.batches(0, 0))
     (x, y), (u_weak, u_strong, u_true) = batch
-    loss, metrics, n = stage.loss(batch)
+    loss, metrics, n = stage.loss(stage.prepare(batch))
     with torch.no_grad():
         probs = stage.teacher(u_weak).softmax(-1)
         p, y_hat = probs.max(-1)
@@ -230,7 +230,7 @@ def test_no_host_sync_inside_the_training_step(monkeypatch):
 
     rt = Runtime(device=torch.device("cpu"), dtype=None)
     logger = MetricLogger.__new__(MetricLogger)
-    logger.sums, logger.steps, logger.images = {}, 0, 0
+    logger.sums, logger.steps, logger.images, logger.data_wait = {}, 0, 0, 0.0
     optimizer = build_optimizer(stage.student, cfg.optim, 1e-3)
     params = [p for p in stage.student.parameters() if p.requires_grad]
     batches = stage.batches(0, 0)

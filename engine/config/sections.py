@@ -14,6 +14,7 @@ from engine.errors import ConfigError
 # "baseline" is a supervised fine-tune from random weights on the same labels, run only for comparison:
 # it uses the finetune stage's settings and hands nothing on.
 STAGES = ("baseline", "pretrain", "finetune", "semi", "eval")
+LOADERS = ("torch",)  # data.loader choices
 
 
 def one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -114,7 +115,7 @@ class DataConfig:
         check(self.batch_size > 0, "batch_size", f"must be > 0, got {self.batch_size}")
         check(self.eval_batch_size > 0, "eval_batch_size", f"must be > 0, got {self.eval_batch_size}")
         check(self.num_workers >= 0, "num_workers", f"must be >= 0, got {self.num_workers}")
-        one_of("loader", self.loader, ("torch",))
+        one_of("loader", self.loader, LOADERS)
         check(len(self.mean) == len(self.std) and len(self.mean) > 0, "mean",
               f"mean and std need the same length (one per channel), got {len(self.mean)} and {len(self.std)}")
         check(all(s > 0 for s in self.std), "std", f"every entry must be > 0, got {self.std}")
@@ -243,6 +244,21 @@ class LoggingConfig:
         check(self.every_steps >= 1, "every_steps", f"must be >= 1, got {self.every_steps}")
         one_of("nonfinite", self.nonfinite, ("skip", "stop"))
         check(self.max_skips >= 0, "max_skips", f"must be >= 0, got {self.max_skips}")
+
+
+@dataclass
+class ProfileConfig:
+    """torch.profiler over a few steps (--profile.steps N) and NVTX ranges for Nsight Systems."""
+
+    steps: int = 0  # profile this many training steps of each stage (0 = off); rank 0 only
+    wait: int = 5  # steps to skip first (start-up, allocator warm-up)
+    warmup: int = 2  # steps the profiler runs but discards (its own start-up cost)
+    nvtx: bool = False  # NVTX ranges named after the method's steps, for `nsys profile`
+
+    def __post_init__(self):
+        for key in ("steps", "wait", "warmup"):
+            v = getattr(self, key)
+            check(v >= 0, key, f"must be >= 0, got {v}")
 
 
 @dataclass

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 from engine.config.sections import (
     AugmentConfig, CheckpointConfig, DataConfig, DistConfig, EmaConfig, EvalConfig, LoggingConfig,
-    MaeConfig, ModelConfig, OptimConfig, RunConfig, ScheduleConfig, SemiConfig, check,
+    MaeConfig, ModelConfig, OptimConfig, ProfileConfig, RunConfig, ScheduleConfig, SemiConfig, check,
 )
 from engine.errors import ConfigError
 
@@ -31,6 +31,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    profile: ProfileConfig = field(default_factory=ProfileConfig)
 
     def __post_init__(self):
         # Rules that span sections live here; single-section rules live in each section.

@@ -24,6 +24,9 @@ class FinetuneStage:
     def batches(self, epoch: int, start: int):
         return iter(self.data.labelled.epoch(epoch, start))
 
+    def prepare(self, batch):
+        return batch  # nothing runs without gradients before the forward
+
     def loss(self, batch):
         images, labels = batch  # (B, C, H, W), (B,)
         mixed = mix_labelled(images, labels, self.cfg.augment)

@@ -4,6 +4,7 @@ A stage supplies its micro-batches, its loss and what happens after an optimizer
 The loop owns the rest: lr schedule per iteration, gradient accumulation, clipping, skipping
 non-finite steps without a host sync (fused AdamW's `found_inf`), logging, evaluation, the best
 checkpoint (by the teacher when there is one), rolling checkpoints, exact resume, and SIGTERM/SIGINT.
+Each part of a step runs inside a named phase (engine.profiling): free unless profiling is on.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import time
 from pathlib import Path
 from typing import Iterator, Protocol
 
@@ -21,8 +23,9 @@ from tqdm import tqdm
 from engine import checkpoint as ckpt
 from engine.config import Config
 from engine.errors import Interrupted, UserError
-from engine.metrics import MetricLogger
+from engine.metrics import MetricLogger, input_hint
 from engine.optim import CosineSchedule, absolute_lr, build_optimizer
+from engine.profiling import SWITCHES, StepProfiler, phase
 from engine.runtime import Runtime, rng_state, set_rng_state
 from engine.stages.evaluate import evaluate_models
 
@@ -34,6 +37,7 @@ class TrainStage(Protocol):
 
     def micro_batches_per_epoch(self) -> int: ...
     def batches(self, epoch: int, start: int) -> Iterator: ...
+    def prepare(self, batch): ...  # the no-grad part before the student's forward (semi: teacher, pseudo labels)
     def loss(self, batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]: ...
     def after_step(self) -> None: ...
     def derive(self, record: dict[str, float]) -> dict[str, float]: ...
@@ -81,7 +85,7 @@ def run_training(stage: TrainStage, cfg: Config, rt: Runtime, run_dir: Path, for
     optimizer = build_optimizer(stage.student, cfg.optim, base_lr)
     schedule = CosineSchedule(base_lr, cfg.schedule)
     params = [p for p in stage.student.parameters() if p.requires_grad]
-    logger = MetricLogger(run_dir, rt, cfg.logging, stage.name)
+    logger = MetricLogger(run_dir, rt, cfg.logging, stage.name, input_hint(cfg.data))
     folder = run_dir / "checkpoints"
     skipped = torch.zeros((), device=rt.device)
     best = {"score": -math.inf}
@@ -103,16 +107,18 @@ def run_training(stage: TrainStage, cfg: Config, rt: Runtime, run_dir: Path, for
                 "best": best, "rng": rng_state(), "steps_per_epoch": steps_per_epoch}
 
     def save(step_now: int) -> None:
-        if rt.is_main:
-            epoch_now = step_now // steps_per_epoch
-            ckpt.save_rolling(state(step_now), folder, stage.name, epoch_now, step_now, cfg.checkpoint.keep)
-        rt.barrier()
+        with phase("checkpoint"):
+            if rt.is_main:
+                epoch_now = step_now // steps_per_epoch
+                ckpt.save_rolling(state(step_now), folder, stage.name, epoch_now, step_now, cfg.checkpoint.keep)
+            rt.barrier()
 
     def evaluate(step_now: int) -> dict:
-        if hasattr(stage, "evaluate"):  # e.g. MAE: reconstruction loss instead of accuracy
-            metrics = stage.evaluate(rt)
-        else:
-            metrics = evaluate_models(stage.eval_models(), stage.eval_stream, rt)
+        with phase("eval"):
+            if hasattr(stage, "evaluate"):  # e.g. MAE: reconstruction loss instead of accuracy
+                metrics = stage.evaluate(rt)
+            else:
+                metrics = evaluate_models(stage.eval_models(), stage.eval_stream, rt)
         logger.write(step_now, step_now / steps_per_epoch, metrics, prefix="eval")
         # The teacher is what Semi-ViT deploys, so it picks the best checkpoint when there is one.
         score = metrics.get("score", metrics.get("teacher_top1", metrics.get("top1")))
@@ -125,7 +131,15 @@ def run_training(stage: TrainStage, cfg: Config, rt: Runtime, run_dir: Path, for
         return metrics
 
     final: dict = {}
-    with StopFlag() as stop:
+    profiler = None
+    if cfg.profile.steps and rt.is_main:
+        profiler = StepProfiler(cfg.profile.steps, cfg.profile.wait, cfg.profile.warmup, run_dir, stage.name, rt.device)
+    SWITCHES.nvtx = cfg.profile.nvtx
+    logger.start(step)
+    with StopFlag() as stop, contextlib.ExitStack() as cleanup:
+        cleanup.callback(setattr, SWITCHES, "nvtx", False)
+        if profiler is not None:
+            cleanup.callback(profiler.close)
         forward_model.train()
         bar = tqdm(total=total_steps, initial=step, desc=stage.name, disable=not (rt.is_main and cfg.logging.progress),
                    dynamic_ncols=True, leave=False)
@@ -137,14 +151,18 @@ def run_training(stage: TrainStage, cfg: Config, rt: Runtime, run_dir: Path, for
                 lr = schedule.apply(optimizer, step / steps_per_epoch)
                 finite = optimizer_step(stage, forward_model, optimizer, params, batches, cfg, rt, logger)
                 skipped += (~finite).float()
-                stage.after_step()
+                with phase("ema"):
+                    stage.after_step()
+                if profiler is not None:
+                    profiler.step()
                 step += 1
                 bar.update(1)
                 log_now = step % cfg.logging.every_steps == 0 or step == total_steps
                 if log_now:  # the only host sync of the loop
                     record = logger.flush(step, step / steps_per_epoch, {"lr": lr, "skipped": float(skipped)},
                                           derive=stage.derive)
-                    bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}")
+                    bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", img_s=f"{record['img_per_s']:.0f}",
+                                    data_wait=f"{record['data_wait_ms']:.1f}ms")
                     check_nonfinite(record["skipped"], cfg, save, step)
                     if rt.distributed:
                         flag = torch.tensor(float(stop.raised), device=rt.device)
@@ -165,7 +183,10 @@ def run_training(stage: TrainStage, cfg: Config, rt: Runtime, run_dir: Path, for
     logger.close()
     if not final:
         final = evaluate(step)
-    return {"final": final, "best": best, "steps": step, "lr": base_lr, "global_batch": global_batch}
+    out = {"final": final, "best": best, "steps": step, "lr": base_lr, "global_batch": global_batch}
+    if profiler is not None and profiler.table is not None:
+        out["profile"] = profiler.table
+    return out
 
 
 def optimizer_step(stage, forward_model, optimizer, params, batches, cfg: Config, rt: Runtime,
@@ -174,21 +195,27 @@ def optimizer_step(stage, forward_model, optimizer, params, batches, cfg: Config
     accum = cfg.optim.accum_steps
     total = torch.zeros((), device=rt.device)
     for micro in range(accum):
-        batch = next(batches)
+        t0 = time.perf_counter()
+        with phase("data"):
+            batch = next(batches)
+        waited = time.perf_counter() - t0  # host clock only: input-bound detection needs no device sync
+        with rt.autocast():
+            batch = stage.prepare(batch)
         sync = micro == accum - 1 or not rt.distributed
-        with (contextlib.nullcontext() if sync else forward_model.no_sync()):
+        with phase("student_forward_backward"), (contextlib.nullcontext() if sync else forward_model.no_sync()):
             with rt.autocast():
                 loss, metrics, images = stage.loss(batch)
             (loss / accum).backward()
         total = total + loss.detach().float()
-        logger.accumulate(metrics, images)
-    max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
-    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
-    finite = torch.isfinite(total) & torch.isfinite(grad_norm)
-    # Fused AdamW skips the update (and its step count) where found_inf is 1: no host sync needed.
-    optimizer.found_inf = (~finite).float()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+        logger.accumulate(metrics, images, waited)
+    with phase("optimizer"):
+        max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        finite = torch.isfinite(total) & torch.isfinite(grad_norm)
+        # Fused AdamW skips the update (and its step count) where found_inf is 1: no host sync needed.
+        optimizer.found_inf = (~finite).float()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
     return finite
 
 

@@ -40,6 +40,9 @@ class PretrainStage:
     def batches(self, epoch: int, start: int):
         return iter(self.data.pretrain.epoch(epoch, start))
 
+    def prepare(self, batch):
+        return batch  # nothing runs without gradients before the forward
+
     def loss(self, batch):
         images, _ = batch  # (B, C, H, W); labels are not used
         loss, _, _ = self.forward_model(images)  # masks drawn from the (per-rank, resumable) torch RNG

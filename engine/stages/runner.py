@@ -108,6 +108,8 @@ def train_stage(name: str, cfg: Config, rt: Runtime, run_dir: Path, carry: dict 
     summary = {**result["final"], "best_score": result["best"]["score"], "best_step": result["best"].get("step"),
                "steps": result["steps"], "lr": result["lr"], "global_batch": result["global_batch"],
                "seconds": round(time.perf_counter() - t0, 2)}
+    if "profile" in result:  # --profile.steps: the per-phase table (report.md shows it too)
+        summary["profile"] = result["profile"]
     handoff = stage.handoff
     if rt.is_main:
         ckpt.atomic_save({"stage_name": name, "result": summary, **handoff}, folder / f"{name}-final.pt")

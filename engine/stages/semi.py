@@ -1,11 +1,13 @@
 """Stage 3: Semi-ViT semi-supervised fine-tuning with an EMA teacher and probabilistic pseudo mixup.
 
-The step, in the order of the paper (DESIGN.md §1):
+The step (Semi-ViT, Cai et al. 2022):
   1. labelled batch B -> mixup (unless disabled) -> loss_x;
   2. teacher (EMA, eval, no grad) on the weak views -> softmax -> confidence p, pseudo label y_hat, mask p >= tau;
   3. probabilistic pseudo mixup on the strong views: lambda_i = p_i / (p_i + p_j), mask max(p_i, p_j) >= tau;
   4. student on labelled + mixed strong views in one forward -> loss_u = masked soft-target CE;
   5. loss = loss_x + lambda_u * loss_u; after the optimizer step, the teacher follows the student (EMA).
+`prepare` runs the no-grad steps 2-3 and `loss` steps 1, 4, 5, so that each is a named phase of the
+step (engine.profiling) and the student's forward and backward form one range.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from engine.config import Config
+from engine.profiling import phase
 from engine.stages.common import EmaTeacher, cycle, mix_labelled
 from kernels import MixedBatch, pseudo_label, pseudo_mixup, soft_target_cross_entropy
 
@@ -37,23 +40,30 @@ class SemiStage:
         labelled = cycle(self.data.labelled, epoch * len(self.data.unlabelled) + start)
         return zip(labelled, self.data.unlabelled.epoch(epoch, start))
 
-    def loss(self, batch):
+    @torch.no_grad()
+    def prepare(self, batch):
+        """Steps 2-3: pseudo labels from the teacher on the weak views, pseudo mixup of the strong views."""
         (x, y), (u_weak, u_strong, u_true) = batch  # (B, C, H, W), (B,), (muB, C, H, W) x2, (muB,)
+        semi = self.cfg.semi
+        with phase("teacher_forward"):
+            teacher_logits = self.teacher(u_weak)  # (muB, classes)
+        with phase("pseudo_label"):
+            prob, y_hat, mask = pseudo_label(teacher_logits, semi.threshold)  # (muB,) each
+        with phase("pseudo_mixup"):
+            if semi.pseudo_mixup:
+                mixed_u = pseudo_mixup(u_strong, prob, y_hat, semi.threshold, cutmix_prob=semi.cutmix_prob)
+            else:
+                mixed_u = MixedBatch(u_strong, y_hat, y_hat, torch.ones_like(prob), mask)
+        return x, y, mixed_u, (mask, y_hat, u_true)
+
+    def loss(self, prepared):
+        """Steps 1, 4, 5 on what `prepare` returned."""
+        x, y, mixed_u, (mask, y_hat, u_true) = prepared
         semi = self.cfg.semi
         b = x.shape[0]
 
         # 1. labelled batch, mixed unless disabled
         mixed_x = mix_labelled(x, y, self.cfg.augment)
-
-        # 2. pseudo labels from the teacher on the weak views
-        with torch.no_grad():
-            prob, y_hat, mask = pseudo_label(self.teacher(u_weak), semi.threshold)  # (muB,) each
-
-        # 3. probabilistic pseudo mixup on the strong views
-        if semi.pseudo_mixup:
-            mixed_u = pseudo_mixup(u_strong, prob, y_hat, semi.threshold, cutmix_prob=semi.cutmix_prob)
-        else:
-            mixed_u = MixedBatch(u_strong, y_hat, y_hat, torch.ones_like(prob), mask)
 
         # 4. one student forward over both batches (a ViT has no batch statistics, so this is exact)
         logits = self.forward_model(torch.cat([mixed_x.images, mixed_u.images]))  # (B + muB, classes)
@@ -65,7 +75,7 @@ class SemiStage:
         # 5. total loss
         loss = loss_x + semi.lambda_u * loss_u
         return loss, self._diagnostics(loss, loss_x, loss_u, mask, mixed_u.mask, y_hat, u_true), \
-            b + u_strong.shape[0]
+            b + mixed_u.images.shape[0]
 
     @torch.no_grad()
     def _diagnostics(self, loss, loss_x, loss_u, mask, mixed_mask, y_hat, u_true) -> dict[str, torch.Tensor]:
