@@ -107,6 +107,26 @@ def test_semi_teacher_starts_from_the_finetune_ema():
     torch.testing.assert_close(stage.teacher.state_dict()[key], 0.5 * stage.student.state_dict()[key])
 
 
+def test_semi_teacher_starts_from_an_original_checkpoints_model_ema(tmp_path):
+    """The original Semi-ViT fine-tune saves {'model', 'model_ema', 'optimizer', 'epoch', 'args'}."""
+    import argparse
+
+    plan = plan_with(stages="semi")
+    cfg = plan.stages["semi"]
+    rt = Runtime(device=torch.device("cpu"), dtype=None)
+    model, _ = build_student("semi", cfg, rt, None)
+    ema = {k: v * 0.5 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    path = tmp_path / "checkpoint-99.pth"
+    torch.save({"model": model.state_dict(), "model_ema": ema, "optimizer": {}, "epoch": 99,
+                "args": argparse.Namespace(model="vit_base_patch16")}, path)
+    cfg = load_plan(DEMO, [("run.stages", "semi"), *FAST, ("model.init", str(path))]).stages["semi"]
+    student, teacher_state = build_student("semi", cfg, rt, None)
+    assert teacher_state is not None
+    for k, v in ema.items():
+        assert torch.equal(teacher_state[k], v), k
+    assert torch.equal(student.state_dict()["blocks.0.attn.qkv.weight"], model.state_dict()["blocks.0.attn.qkv.weight"])
+
+
 def test_semi_loss_is_loss_x_plus_lambda_u_times_masked_loss_u():
     torch.manual_seed(0)
     stage, cfg = _semi_stage([("semi.pseudo_mixup", "false"), ("semi.threshold", "0.15"),
@@ -122,8 +142,8 @@ def test_semi_loss_is_loss_x_plus_lambda_u_times_masked_loss_u():
         logits = stage.student(torch.cat([x, u_strong]))
         ones_x = torch.ones(x.shape[0])
         loss_x = soft_target_cross_entropy_reference(logits[: x.shape[0]], y, y, ones_x, smoothing=0.1)
-        loss_u = soft_target_cross_entropy_reference(logits[x.shape[0]:], y_hat, y_hat, torch.ones_like(p),
-                                                     mask=mask, smoothing=cfg.semi.smoothing)
+        # hard pseudo labels: plain cross-entropy (no smoothing), masked, averaged over the whole batch
+        loss_u = (torch.nn.functional.cross_entropy(logits[x.shape[0]:], y_hat, reduction="none") * mask).mean()
     torch.testing.assert_close(loss.detach(), loss_x + 3.0 * loss_u, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(metrics["raw_mask_rate"], mask.mean())
     assert n == x.shape[0] + u_strong.shape[0]

@@ -187,7 +187,7 @@ class SemiConfig:
     threshold: float = 0.6  # tau: pseudo labels with confidence >= tau count
     pseudo_mixup: bool = True  # probabilistic pseudo mixup on the strong views
     cutmix_prob: float = 0.5  # per-sample chance of cutmix (else mixup) inside pseudo mixup
-    smoothing: float = 0.1  # label smoothing of the pseudo targets
+    smoothing: float = 0.1  # label smoothing of the mixed pseudo targets (hard labels use plain CE)
 
     def __post_init__(self):
         check(self.mu >= 1, "mu", f"must be >= 1, got {self.mu}")

@@ -64,7 +64,7 @@ def build_student(name: str, cfg: Config, rt: Runtime, carry: dict | None) -> tu
         load_weights(model, carry["model"], "the previous stage", verbose=rt.is_main)
         teacher_state = carry.get("ema")
     elif cfg.model.init:
-        teacher_state = init_from_checkpoint(model, cfg.model.init)
+        teacher_state = init_from_checkpoint(model, cfg.model.init, verbose=rt.is_main)
     return model.to(rt.device), teacher_state
 
 
