@@ -327,3 +327,14 @@ def test_compile_switch_wraps_the_forward_but_not_the_weights():
     forward = wrap_for_training(student, cfg, rt)
     assert forward is not student and getattr(forward, "_orig_mod", None) is student
     assert not any(k.startswith("_orig_mod") for k in student.state_dict())  # checkpoints stay loadable
+
+
+def test_run_header_names_device_precision_backends_loader_and_world(capsys, tmp_path):
+    from engine.header import run_header
+
+    plan = plan_with(("schedule.max_steps", "1"), stages="finetune")
+    line = run_header(plan.base, Runtime(device=torch.device("cpu"), dtype=None))
+    for part in ("device cpu", "precision fp32", "attention sdpa", "kernels torch", "data digits", "world size 1"):
+        assert part in line, part
+    run_plan(plan, tmp_path)
+    assert capsys.readouterr().out.count("run: device") == 1

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 from engine.errors import ConfigError
 
-# "baseline" is a supervised fine-tune from random weights on the same labels, run only for comparison:
-# it uses the finetune stage's settings and hands nothing on.
-STAGES = ("baseline", "pretrain", "finetune", "semi", "eval")
+# "baseline" is a supervised fine-tune from random weights (MAE's encoder init) on the same labels, run only
+# for comparison: it uses the finetune stage's settings and hands nothing on. "pseudo_label" writes the
+# teacher's labels for the unlabelled pool (engine/pseudo_label.py).
+STAGES = ("baseline", "pretrain", "finetune", "semi", "eval", "pseudo_label")
 
 
 def one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -221,7 +222,7 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every_epochs: int = 1  # evaluate student and teacher every N epochs (and at the end)
-    checkpoint: str = ""  # stage "eval": the checkpoint to evaluate ("" = the run's newest)
+    checkpoint: str = ""  # stages "eval" / "pseudo_label": the checkpoint to use ("" = the previous stage's)
 
     def __post_init__(self):
         check(self.every_epochs >= 1, "every_epochs", f"must be >= 1, got {self.every_epochs}")

@@ -47,7 +47,8 @@ def load_weights(model: VisionTransformer, state: dict, source: str, verbose: bo
     try:
         report = load_vit_state_dict(model, state)
     except ValueError as err:
-        raise UserError(f"{source} does not fit model {model.__class__.__name__}: {err}") from None
+        raise UserError(f"{source} does not fit the model built from model.arch / model.img_size / model.num_classes "
+                        f"(set them to the checkpoint's): {err}") from None
     if verbose:
         print(f"init from {source}: {len(report['loaded'])} tensors loaded, "
               f"{len(report['ignored'])} ignored, {len(report['new'])} new")
@@ -75,7 +76,8 @@ def init_from_checkpoint(model: VisionTransformer, path: str, verbose: bool = Tr
     state = safe_load(path)
     weights = state.get("model", state) if isinstance(state, dict) else state
     if not isinstance(weights, dict) or not any(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise UserError(f"{path}: no state dict found (expected {{'model': state_dict}} or a bare state dict)")
+        raise UserError(f"{path}: no state dict found: expected {{'model': state_dict}} or a bare state dict of "
+                        f"tensors; point the setting (model.init) at such a file")
     load_weights(model, weights, path, verbose=verbose)
     found = find_ema(state)
     if found is None:
