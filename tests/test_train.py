@@ -338,3 +338,17 @@ def test_run_header_names_device_precision_backends_loader_and_world(capsys, tmp
         assert part in line, part
     run_plan(plan, tmp_path)
     assert capsys.readouterr().out.count("run: device") == 1
+
+
+def test_baseline_differs_from_the_pretrained_path_only_in_pretraining():
+    """Same architecture, same recipe, MAE's encoder init (sin-cos table, still learnable) — no pre-training."""
+    from engine.models.pos_embed import get_2d_sincos_pos_embed
+
+    plan = load_plan(DEMO, [])
+    assert plan.stages["baseline"] == plan.stages["finetune"]  # the demo's recipe is the same for both
+    rt = Runtime(device=torch.device("cpu"), dtype=None)
+    model, teacher = build_student("baseline", plan.stages["baseline"], rt, None)
+    assert teacher is None and model.pos_embed.requires_grad
+    torch.testing.assert_close(model.pos_embed[0].detach(), get_2d_sincos_pos_embed(64, 4, cls_token=True))
+    fresh, _ = build_student("finetune", plan.stages["finetune"], rt, None)
+    assert not torch.equal(fresh.pos_embed, model.pos_embed)  # a plain fresh ViT keeps its learned-table init
