@@ -22,7 +22,8 @@ def read_weights(path: str | Path) -> tuple[dict, str]:
     Reads model.safetensors (the exported teacher), this engine's .pt checkpoints and {'model': ...} files."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"--checkpoint '{path}' not found: give RUN/model.safetensors or RUN/checkpoints/<stage>-final.pt")
+        raise UserError(f"--checkpoint '{path}' not found: give RUN/model.safetensors or "
+                        f"RUN/checkpoints/<stage>-final.pt")
     if path.suffix == ".safetensors":
         from safetensors import SafetensorError
         from safetensors.torch import load_file

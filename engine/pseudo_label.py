@@ -59,7 +59,8 @@ def pool_batches(cfg: Config, batch_size: int) -> Iterator[tuple[np.ndarray, lis
 
         ids, images, labels = unlabelled_pool(d, cfg.model.img_size)
         for s in range(0, len(ids), batch_size):
-            yield ids[s:s + batch_size], [""] * len(ids[s:s + batch_size]), images[s:s + batch_size], labels[s:s + batch_size]
+            chunk = slice(s, s + batch_size)
+            yield ids[chunk], [""] * len(ids[chunk]), images[chunk], labels[chunk]
         return
     from dataloading.imagefolder import scan_both
     from dataloading.splits import choose_split

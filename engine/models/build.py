@@ -64,7 +64,8 @@ def find_ema(state: dict) -> tuple[str, dict] | None:
     if not isinstance(state, dict):
         return None
     stage = state.get("stage") if isinstance(state.get("stage"), dict) else {}
-    for key, value in (("ema", state.get("ema")), ("model_ema", state.get("model_ema")), ("stage.ema", stage.get("ema"))):
+    candidates = (("ema", state.get("ema")), ("model_ema", state.get("model_ema")), ("stage.ema", stage.get("ema")))
+    for key, value in candidates:
         if isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values()):
             return key, value
     return None
