@@ -352,3 +352,14 @@ def test_baseline_differs_from_the_pretrained_path_only_in_pretraining():
     torch.testing.assert_close(model.pos_embed[0].detach(), get_2d_sincos_pos_embed(64, 4, cls_token=True))
     fresh, _ = build_student("finetune", plan.stages["finetune"], rt, None)
     assert not torch.equal(fresh.pos_embed, model.pos_embed)  # a plain fresh ViT keeps its learned-table init
+
+
+def test_user_errors_name_the_key_and_the_fix(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "a"), "--run.stages", "finetune", "--model.init", str(tmp_path / "no.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "model.init" in err and "no.pt" in err and '--model.init ""' in err
+    assert main(["--out", str(tmp_path / "b"), "--run.stages", "pseudo_label", "--run.threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "pseudo_label" in err and "--eval.checkpoint" in err
+    assert main(["--out", str(tmp_path / "c"), "--run.stages", "finetune", "--model.in_chans", "3"]) == 2
+    assert "--model.in_chans 1" in capsys.readouterr().err
