@@ -41,6 +41,23 @@ def _load() -> tuple[np.ndarray, np.ndarray]:
     return (d.images / 16.0).astype(np.float32), d.target.astype(np.int64)  # (1797, 8, 8) in [0, 1], (1797,)
 
 
+def preprocess(x: Tensor, img_size: int, mean, std) -> Tensor:
+    """(N, 1, h, w) in [0, 1] -> (N, 1, img_size, img_size), resized (bilinear, antialias) and normalised:
+    the evaluation view of the digits, also applied to image files by engine.predict."""
+    x = F.interpolate(x.float(), size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False)
+    m = torch.tensor(mean, dtype=torch.float32).reshape(1, -1, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).reshape(1, -1, 1, 1)
+    return (x - m) / s
+
+
+def unlabelled_pool(data, img_size: int) -> tuple[np.ndarray, Tensor, Tensor]:
+    """(positions into load_digits(), images in the evaluation view, true labels) of the unlabelled split."""
+    raw, targets = _load()
+    ids = split_indices(data).unlabelled
+    x = preprocess(torch.from_numpy(raw[ids]).unsqueeze(1), img_size, data.mean, data.std)
+    return ids, x, torch.from_numpy(targets[ids])
+
+
 @dataclass
 class DigitsSplit:
     """Positions into load_digits() (sorted int64 arrays)."""
@@ -109,11 +126,7 @@ def build(data, augment, *, img_size: int, batch_size: int, unlabelled_batch_siz
         check_batches("pretrain", len(pretrain_ids), batch_size, world_size)
 
     raw, targets = _load()
-    x = torch.from_numpy(raw).unsqueeze(1)  # (N, 1, 8, 8)
-    x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", antialias=True, align_corners=False)
-    mean = torch.tensor(data.mean, dtype=torch.float32).reshape(1, -1, 1, 1)
-    std = torch.tensor(data.std, dtype=torch.float32).reshape(1, -1, 1, 1)
-    images = ((x - mean) / std).to(device)
+    images = preprocess(torch.from_numpy(raw).unsqueeze(1), img_size, data.mean, data.std).to(device)
     labels = torch.from_numpy(targets).to(device)
     aug = TensorAugment(data.mean, data.std, hflip=augment.hflip, reprob=augment.reprob, policy=policy,
                         device=device)

@@ -187,7 +187,7 @@ class LoaderStream:
 def build(data, augment, *, img_size: int, batch_size: int, unlabelled_batch_size: int, seed: int, rank: int,
           world_size: int, device: torch.device, need: set[str]) -> StageData:
     if len(data.mean) not in (1, 3):
-        raise UserError(f"data.mean/std have {len(data.mean)} entries: image folders are read as RGB (3 entries) "
+        raise UserError(f"data.mean/std have {len(data.mean)} entries: image folders are read as RGB (set 3 entries) "
                         f"or greyscale (1 entry)")
     policy = parse_randaug(augment.randaug)
     train, val = scan_both(data)

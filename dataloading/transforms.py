@@ -121,14 +121,17 @@ def weak(img_size: int, augment, mean, std) -> v2.Compose:
 
 
 def strong(img_size: int, augment, policy: RandAugSpec | None, mean, std) -> v2.Compose:
-    """Unlabelled strong view: weak + RandAugment + RandomErasing."""
-    return v2.Compose(_crop_flip(img_size, augment) + _jitter(augment) + _randaug(policy, mean)
+    """Unlabelled strong view: its own crop and flip, RandAugment, RandomErasing. No colour jitter when
+    RandAugment is on: timm's create_transform (the original's) applies jitter only without RandAugment."""
+    jitter = _jitter(augment) if policy is None or policy.num_ops == 0 else []
+    return v2.Compose(_crop_flip(img_size, augment) + jitter + _randaug(policy, mean)
                       + _to_tensor(mean, std) + _erase(augment))
 
 
 def evaluation(img_size: int, mean, std) -> v2.Compose:
-    """Resize(img / 0.875, bicubic) + CenterCrop(img)."""
-    return v2.Compose([v2.Resize(int(img_size / EVAL_CROP_PCT), interpolation=BICUBIC, antialias=True),
+    """Resize(img / 0.875, bicubic) + CenterCrop(img); above 224 px no crop margin (crop 1.0), as the original."""
+    crop_pct = EVAL_CROP_PCT if img_size <= 224 else 1.0
+    return v2.Compose([v2.Resize(int(img_size / crop_pct), interpolation=BICUBIC, antialias=True),
                        v2.CenterCrop(img_size)] + _to_tensor(mean, std))
 
 

@@ -44,7 +44,9 @@ def safe_load(path: str | Path) -> dict:
             return torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any failure here means the file is not a usable checkpoint
             raise UserError(f"checkpoint '{path}' could not be loaded safely ({type(err).__name__}: "
-                            f"{str(err).splitlines()[0]}); it may be truncated or hold objects we refuse to unpickle") from None
+                            f"{str(err).splitlines()[0]}); it may be truncated or hold objects we refuse to "
+                            f"unpickle: use an older checkpoint, or re-save the weights alone "
+                            f"(torch.save({{'model': state_dict}}))") from None
 
 
 def checkpoint_name(stage: str, epoch: int, step: int) -> str:

@@ -39,7 +39,7 @@ def stage_summary(name: str, cfg: Config, gpu_key: str = cm.DEFAULT_GPU) -> list
         lines.append(f"  unlabelled batch  {unlabelled} global (mu = {cfg.semi.mu}), tau = {cfg.semi.threshold}, "
                      f"lambda_u = {cfg.semi.lambda_u}, EMA {cfg.ema.decay}")
         lines.append(f"  fused ops         {trace_semi_ops(cfg)}")
-    if name != "eval":
+    if name not in ("eval", "pseudo_label"):
         source = "optim.lr" if cfg.optim.lr > 0 else f"blr {cfg.optim.blr:g} x {labelled}/256"
         lines.append(f"  absolute lr       {lr:.4g}  ({source}), layer decay {cfg.optim.layer_decay}, "
                      f"{cfg.schedule.epochs:g} epochs, warm-up {cfg.schedule.warmup_epochs:g}")

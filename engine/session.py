@@ -10,6 +10,7 @@ import kernels
 from engine import checkpoint as ckpt
 from engine.config import Config, RunPlan
 from engine.errors import UserError
+from engine.header import run_header
 from engine.report import comparison_table, write_report
 from engine.runtime import setup_runtime
 from engine.stages.runner import run_stage
@@ -26,7 +27,8 @@ def preflight(plan: RunPlan) -> None:
 def check_paths(stage: str, cfg: Config, first: bool) -> None:
     d = cfg.data
     if d.source == "imagefolder":
-        for sub in (d.train_dir, d.val_dir) if stage != "eval" else (d.val_dir,):
+        subs = {"eval": (d.val_dir,), "pseudo_label": (d.train_dir,)}.get(stage, (d.train_dir, d.val_dir))
+        for sub in subs:
             path = Path(d.root) / sub
             if not path.is_dir():
                 raise UserError(f"data folder '{path}' not found: data.root must hold {d.train_dir}/ and "
@@ -34,11 +36,15 @@ def check_paths(stage: str, cfg: Config, first: bool) -> None:
         for key in ("labelled_index", "unlabelled_index"):
             value = getattr(d, key)
             if value and not Path(value).is_file():
-                raise UserError(f"data.{key}: index file '{value}' not found")
-    if first and cfg.model.init and stage != "eval" and not Path(cfg.model.init).is_file():
-        raise UserError(f"model.init: checkpoint '{cfg.model.init}' not found")
-    if stage == "eval" and cfg.eval.checkpoint and not Path(cfg.eval.checkpoint).is_file():
-        raise UserError(f"eval.checkpoint: '{cfg.eval.checkpoint}' not found")
+                raise UserError(f"data.{key}: index file '{value}' not found: fix the path, or set it to \"\" to "
+                                f"generate the split (data.label_fraction / data.labels_per_class)")
+    uses_checkpoint = stage in ("eval", "pseudo_label")
+    if first and cfg.model.init and not uses_checkpoint and not Path(cfg.model.init).is_file():
+        raise UserError(f"model.init: checkpoint '{cfg.model.init}' not found: fix the path, or set --model.init \"\" "
+                        f"to start from random weights")
+    if uses_checkpoint and cfg.eval.checkpoint and not Path(cfg.eval.checkpoint).is_file():
+        raise UserError(f"eval.checkpoint: '{cfg.eval.checkpoint}' not found: fix the path "
+                        f"(a run writes RUN/checkpoints/<stage>-final.pt)")
 
 
 def run_plan(plan: RunPlan, run_dir: Path) -> dict:
@@ -48,9 +54,8 @@ def run_plan(plan: RunPlan, run_dir: Path) -> dict:
     if rt.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(plan.to_toml())
-        print(f"run folder: {run_dir}  (device {rt.device}, {rt.world_size} process(es), "
-              f"precision {'bf16 autocast' if rt.dtype else 'fp32'})")
-        print(kernels.dispatch.summary(rt.device))
+        print(run_header(plan.base, rt))
+        print(f"run folder: {run_dir}")
     rt.barrier()
     results: dict = {"stages": {}}
     carry = None
@@ -58,8 +63,9 @@ def run_plan(plan: RunPlan, run_dir: Path) -> dict:
         summary, carry = run_stage(name, cfg, rt, run_dir, carry)
         results["stages"][name] = summary
         if rt.is_main:
-            print(f"[{name}] " + ", ".join(f"{k} {summary[k]:.4g}" for k in ("top1", "teacher_top1", "recon_loss")
-                                           if k in summary))
+            scores = [f"{k} {summary[k]:.4g}" for k in ("top1", "teacher_top1", "recon_loss") if k in summary]
+            if scores:  # pseudo_label printed its own line
+                print(f"[{name}] " + ", ".join(scores))
     results["wall_seconds"] = round(time.perf_counter() - t0, 2)
     if rt.is_main:
         export(plan, carry, run_dir)

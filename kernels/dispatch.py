@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 __all__ = ["BACKENDS", "KernelUnavailable", "OPS", "check_backend", "get_default", "ops_namespace", "report",
-           "resolve", "set_default", "summary"]
+           "resolve", "set_default", "describe"]
 
 BACKENDS = ("auto", "triton", "native", "torch", "reference")
 OPS = ("ema_update", "pseudo_label", "pseudo_mixup", "soft_target_cross_entropy")
@@ -96,14 +96,14 @@ def ops_namespace(backend: str):
     return torch.ops.semivit_triton if backend == "triton" else torch.ops.semivit_native
 
 
-def summary(device: torch.device | str, backend: str | None = None) -> str:
-    """One line for the run header: what the ops run on this device, and why."""
+def describe(device: torch.device | str, backend: str | None = None) -> str:
+    """'requested -> chosen (why)' for tensors on ``device``, e.g. for the run header."""
     device = torch.device(device)
     requested = _default if backend is None else backend
     chosen = resolve(requested, device)
     explained = requested == "auto" or chosen in ("triton", "native")
     why = _why(device, chosen) if explained else f"run.kernels = '{requested}'"
-    return f"kernels: {requested} -> {chosen} on {device.type} ({why})"
+    return f"{requested} -> {chosen} ({why})"
 
 
 def _why(device: torch.device, chosen: str) -> str:

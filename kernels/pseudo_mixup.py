@@ -1,4 +1,4 @@
-"""Probabilistic pseudo mixup (docs/method.md, docs/kernels.md) and timm-style labelled mixup / cutmix.
+"""Probabilistic pseudo mixup (docs/method.md, step 3; docs/kernels.md) and timm-style labelled mixup / cutmix.
 
 Unlabelled data: sample i is paired with j = partner[i], where ``partner`` (B,) is a random
 permutation drawn with the other random draws (``MixDraws.partner``, drawn LAST, after use_cutmix,

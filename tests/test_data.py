@@ -341,3 +341,19 @@ def test_sampler_shards_are_disjoint_and_cover():
     assert np.array_equal(np.sort(flat), np.arange(n))  # eval: every sample exactly once, nothing padded
     assert sum(sum(len(b) for b in s.batches(0)) for s in ev) == n
     assert [len(list(s.batches(0, start=2))) for s in ev] == [len(s) - 2 for s in ev]
+
+
+def test_folder_views_follow_timm_jitter_rule_and_eval_crop():
+    """timm's create_transform (the original's) jitters colour only without RandAugment: the weak view
+    jitters, the strong view does not. Evaluation crops 0.875 up to 224 px, nothing above."""
+    from torchvision.transforms import v2
+
+    from dataloading import transforms as T
+
+    aug, policy = AugmentConfig(), parse_randaug("rand-m9-mstd0.5-inc1")
+    kinds = lambda t: [type(x) for x in t.transforms]  # noqa: E731
+    assert v2.ColorJitter in kinds(T.weak(32, aug, [0.5] * 3, [0.5] * 3))
+    assert v2.ColorJitter not in kinds(T.strong(32, aug, policy, [0.5] * 3, [0.5] * 3))
+    assert v2.ColorJitter in kinds(T.strong(32, aug, None, [0.5] * 3, [0.5] * 3))
+    assert T.evaluation(224, [0.5], [0.5]).transforms[0].size == [256]
+    assert T.evaluation(384, [0.5], [0.5]).transforms[0].size == [384]

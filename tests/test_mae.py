@@ -143,7 +143,7 @@ def test_decoder_places_tokens_where_they_came_from():
 
 def test_init_and_training_helpers():
     m = build_mae(DIGITS_MODEL, TINY_MAE)
-    assert m.no_weight_decay() == {"pos_embed", "cls_token", "mask_token", "decoder_pos_embed"}
+    assert m.no_weight_decay() == {"pos_embed", "decoder_pos_embed"}  # both frozen
     assert m.num_layers == 0  # no layer-wise lr decay while pre-training
     assert not m.pos_embed.requires_grad and not m.decoder_pos_embed.requires_grad
     from engine.models.pos_embed import get_2d_sincos_pos_embed
@@ -155,6 +155,20 @@ def test_init_and_training_helpers():
     with torch.no_grad():
         assert float(m.decoder_pred.weight.abs().max()) <= bound and float(m.decoder_pred.bias.abs().max()) == 0
     assert m(torch.randn(2, 1, 16, 16))[1].shape == (2, 16, 16)
+
+
+def test_pretraining_decays_cls_and_mask_tokens_as_mae_does():
+    """MAE's rule (timm add_weight_decay): no decay for 1-D parameters and biases only."""
+    from engine.optim import param_groups
+
+    m = build_mae(DIGITS_MODEL, TINY_MAE)
+    names = {id(p): n for n, p in m.named_parameters()}
+    groups = param_groups(m, weight_decay=0.05, layer_decay=1.0)
+    decayed = {names[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    plain = {names[id(p)] for g in groups if g["weight_decay"] == 0 for p in g["params"]}
+    assert {"cls_token", "mask_token", "patch_embed.proj.weight", "decoder_pred.weight"} <= decayed
+    assert all(m.get_parameter(n).ndim == 1 for n in plain)  # biases and norms only
+    assert "pos_embed" not in decayed | plain and "decoder_pos_embed" not in decayed | plain  # frozen
 
 
 # --- checkpoints: MAE's exact layout -------------------------------------------------------------------------

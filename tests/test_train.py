@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import kernels
 from engine import checkpoint as ckpt
 from engine.config import load_plan
 from engine.errors import Interrupted, UserError
@@ -107,6 +108,26 @@ def test_semi_teacher_starts_from_the_finetune_ema():
     torch.testing.assert_close(stage.teacher.state_dict()[key], 0.5 * stage.student.state_dict()[key])
 
 
+def test_semi_teacher_starts_from_an_original_checkpoints_model_ema(tmp_path):
+    """The original Semi-ViT fine-tune saves {'model', 'model_ema', 'optimizer', 'epoch', 'args'}."""
+    import argparse
+
+    plan = plan_with(stages="semi")
+    cfg = plan.stages["semi"]
+    rt = Runtime(device=torch.device("cpu"), dtype=None)
+    model, _ = build_student("semi", cfg, rt, None)
+    ema = {k: v * 0.5 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    path = tmp_path / "checkpoint-99.pth"
+    torch.save({"model": model.state_dict(), "model_ema": ema, "optimizer": {}, "epoch": 99,
+                "args": argparse.Namespace(model="vit_base_patch16")}, path)
+    cfg = load_plan(DEMO, [("run.stages", "semi"), *FAST, ("model.init", str(path))]).stages["semi"]
+    student, teacher_state = build_student("semi", cfg, rt, None)
+    assert teacher_state is not None
+    for k, v in ema.items():
+        assert torch.equal(teacher_state[k], v), k
+    assert torch.equal(student.state_dict()["blocks.0.attn.qkv.weight"], model.state_dict()["blocks.0.attn.qkv.weight"])
+
+
 def test_semi_loss_is_loss_x_plus_lambda_u_times_masked_loss_u():
     torch.manual_seed(0)
     stage, cfg = _semi_stage([("semi.pseudo_mixup", "false"), ("semi.threshold", "0.15"),
@@ -122,8 +143,8 @@ def test_semi_loss_is_loss_x_plus_lambda_u_times_masked_loss_u():
         logits = stage.student(torch.cat([x, u_strong]))
         ones_x = torch.ones(x.shape[0])
         loss_x = soft_target_cross_entropy_reference(logits[: x.shape[0]], y, y, ones_x, smoothing=0.1)
-        loss_u = soft_target_cross_entropy_reference(logits[x.shape[0]:], y_hat, y_hat, torch.ones_like(p),
-                                                     mask=mask, smoothing=cfg.semi.smoothing)
+        # hard pseudo labels: plain cross-entropy (no smoothing), masked, averaged over the whole batch
+        loss_u = (torch.nn.functional.cross_entropy(logits[x.shape[0]:], y_hat, reduction="none") * mask).mean()
     torch.testing.assert_close(loss.detach(), loss_x + 3.0 * loss_u, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(metrics["raw_mask_rate"], mask.mean())
     assert n == x.shape[0] + u_strong.shape[0]
@@ -307,3 +328,40 @@ def test_compile_switch_wraps_the_forward_but_not_the_weights():
     forward = wrap_for_training(student, cfg, rt)
     assert forward is not student and getattr(forward, "_orig_mod", None) is student
     assert not any(k.startswith("_orig_mod") for k in student.state_dict())  # checkpoints stay loadable
+
+
+def test_run_header_names_device_precision_backends_loader_and_world(capsys, tmp_path):
+    from engine.header import run_header
+
+    plan = plan_with(("schedule.max_steps", "1"), stages="finetune")
+    line = run_header(plan.base, Runtime(device=torch.device("cpu"), dtype=None))
+    expected_kernels = "kernels auto -> native" if kernels.native.load() else "kernels auto -> torch"
+    for part in ("device cpu", "precision fp32", "attention sdpa", expected_kernels, "data digits", "world size 1"):
+        assert part in line, part
+    run_plan(plan, tmp_path)
+    assert capsys.readouterr().out.count("run: device") == 1
+
+
+def test_baseline_differs_from_the_pretrained_path_only_in_pretraining():
+    """Same architecture, same recipe, MAE's encoder init (sin-cos table, still learnable) — no pre-training."""
+    from engine.models.pos_embed import get_2d_sincos_pos_embed
+
+    plan = load_plan(DEMO, [])
+    assert plan.stages["baseline"] == plan.stages["finetune"]  # the demo's recipe is the same for both
+    rt = Runtime(device=torch.device("cpu"), dtype=None)
+    model, teacher = build_student("baseline", plan.stages["baseline"], rt, None)
+    assert teacher is None and model.pos_embed.requires_grad
+    torch.testing.assert_close(model.pos_embed[0].detach(), get_2d_sincos_pos_embed(64, 4, cls_token=True))
+    fresh, _ = build_student("finetune", plan.stages["finetune"], rt, None)
+    assert not torch.equal(fresh.pos_embed, model.pos_embed)  # a plain fresh ViT keeps its learned-table init
+
+
+def test_user_errors_name_the_key_and_the_fix(tmp_path, capsys):
+    assert main(["--out", str(tmp_path / "a"), "--run.stages", "finetune", "--model.init", str(tmp_path / "no.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "model.init" in err and "no.pt" in err and '--model.init ""' in err
+    assert main(["--out", str(tmp_path / "b"), "--run.stages", "pseudo_label", "--run.threads", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "pseudo_label" in err and "--eval.checkpoint" in err
+    assert main(["--out", str(tmp_path / "c"), "--run.stages", "finetune", "--model.in_chans", "3"]) == 2
+    assert "--model.in_chans 1" in capsys.readouterr().err

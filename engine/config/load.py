@@ -63,7 +63,8 @@ def read_toml(path: str | Path) -> dict:
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as err:
-        raise UserError(f"{path}: invalid TOML: {err}") from None
+        raise UserError(f"{path}: invalid TOML: {err}; fix the file at that line (TOML syntax: key = value, "
+                        f"[section] headers, quoted strings)") from None
 
 
 def deep_merge(base: dict, over: dict) -> dict:

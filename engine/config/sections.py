@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 
 from engine.errors import ConfigError
 
-# "baseline" is a supervised fine-tune from random weights on the same labels, run only for comparison:
-# it uses the finetune stage's settings and hands nothing on.
-STAGES = ("baseline", "pretrain", "finetune", "semi", "eval")
+# "baseline" is a supervised fine-tune from random weights (MAE's encoder init) on the same labels, run only
+# for comparison: it uses the finetune stage's settings and hands nothing on. "pseudo_label" writes the
+# teacher's labels for the unlabelled pool (engine/pseudo_label.py).
+STAGES = ("baseline", "pretrain", "finetune", "semi", "eval", "pseudo_label")
 LOADERS = ("torch",)  # data.loader choices
 
 
@@ -192,7 +193,7 @@ class SemiConfig:
     threshold: float = 0.6  # tau: pseudo labels with confidence >= tau count
     pseudo_mixup: bool = True  # probabilistic pseudo mixup on the strong views
     cutmix_prob: float = 0.5  # per-sample chance of cutmix (else mixup) inside pseudo mixup
-    smoothing: float = 0.1  # label smoothing of the pseudo targets
+    smoothing: float = 0.1  # label smoothing of the mixed pseudo targets (hard labels use plain CE)
 
     def __post_init__(self):
         check(self.mu >= 1, "mu", f"must be >= 1, got {self.mu}")
@@ -226,7 +227,7 @@ class CheckpointConfig:
 @dataclass
 class EvalConfig:
     every_epochs: int = 1  # evaluate student and teacher every N epochs (and at the end)
-    checkpoint: str = ""  # stage "eval": the checkpoint to evaluate ("" = the run's newest)
+    checkpoint: str = ""  # stages "eval" / "pseudo_label": the checkpoint to use ("" = the previous stage's)
 
     def __post_init__(self):
         check(self.every_epochs >= 1, "every_epochs", f"must be >= 1, got {self.every_epochs}")

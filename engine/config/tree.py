@@ -38,11 +38,13 @@ class Config:
         unlabelled = self.semi.mu * self.data.batch_size
         check(not (self.semi.pseudo_mixup and unlabelled % 2), "semi.mu",
               f"pseudo mixup pairs samples, so the unlabelled batch (semi.mu * data.batch_size = "
-              f"{self.semi.mu} * {self.data.batch_size} = {unlabelled}) must be even")
+              f"{self.semi.mu} * {self.data.batch_size} = {unlabelled}) must be even: change one of them, or set "
+              f"semi.pseudo_mixup = false")
         check(self.data.source != "imagefolder" or bool(self.data.root), "data.root",
               "is empty: set it to the folder holding train/ and val/ (or use data.source = \"digits\")")
         check(len(self.data.mean) == self.model.in_chans, "data.mean",
-              f"has {len(self.data.mean)} entries but model.in_chans = {self.model.in_chans}")
+              f"has {len(self.data.mean)} entries but model.in_chans = {self.model.in_chans}: give data.mean and "
+              f"data.std one value per channel, or set --model.in_chans {len(self.data.mean)}")
 
 
 def _type_name(tp) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 
 import torch
@@ -46,7 +47,8 @@ def load_weights(model: VisionTransformer, state: dict, source: str, verbose: bo
     try:
         report = load_vit_state_dict(model, state)
     except ValueError as err:
-        raise UserError(f"{source} does not fit model {model.__class__.__name__}: {err}") from None
+        raise UserError(f"{source} does not fit the model built from model.arch / model.img_size / model.num_classes "
+                        f"(set them to the checkpoint's): {err}") from None
     if verbose:
         print(f"init from {source}: {len(report['loaded'])} tensors loaded, "
               f"{len(report['ignored'])} ignored, {len(report['new'])} new")
@@ -56,12 +58,33 @@ def load_weights(model: VisionTransformer, state: dict, source: str, verbose: bo
     return report
 
 
-def init_from_checkpoint(model: VisionTransformer, path: str) -> dict | None:
-    """model.init: returns the checkpoint's EMA weights when it has them (they seed the semi teacher)."""
+def find_ema(state: dict) -> tuple[str, dict] | None:
+    """The EMA weights a checkpoint carries, and under which key: this engine's final checkpoints keep them
+    under `ema`, its rolling / best ones under `stage.ema`, the original Semi-ViT fine-tune under `model_ema`."""
+    if not isinstance(state, dict):
+        return None
+    stage = state.get("stage") if isinstance(state.get("stage"), dict) else {}
+    candidates = (("ema", state.get("ema")), ("model_ema", state.get("model_ema")), ("stage.ema", stage.get("ema")))
+    for key, value in candidates:
+        if isinstance(value, dict) and any(isinstance(v, torch.Tensor) for v in value.values()):
+            return key, value
+    return None
+
+
+def init_from_checkpoint(model: VisionTransformer, path: str, verbose: bool = True) -> dict | None:
+    """model.init: returns the checkpoint's EMA weights, as a full state dict of `model`, when it has them
+    (they seed the semi teacher); None otherwise."""
     state = safe_load(path)
     weights = state.get("model", state) if isinstance(state, dict) else state
     if not isinstance(weights, dict) or not any(isinstance(v, torch.Tensor) for v in weights.values()):
-        raise UserError(f"{path}: no state dict found (expected {{'model': state_dict}} or a bare state dict)")
-    load_weights(model, weights, path)
-    ema = state.get("ema") if isinstance(state, dict) else None
-    return ema if isinstance(ema, dict) else None
+        raise UserError(f"{path}: no state dict found: expected {{'model': state_dict}} or a bare state dict of "
+                        f"tensors; point the setting (model.init) at such a file")
+    load_weights(model, weights, path, verbose=verbose)
+    found = find_ema(state)
+    if found is None:
+        return None
+    key, ema = found
+    # Through the same loader as the weights: prefixes, position-embedding resampling, shape checks.
+    teacher = copy.deepcopy(model)
+    load_weights(teacher, ema, f"{path} [{key}]", verbose=verbose)
+    return teacher.state_dict()

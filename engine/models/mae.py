@@ -161,7 +161,9 @@ class MaskedAutoencoder(VisionTransformer):
 
     # --- training helpers -------------------------------------------------------------------------------
     def no_weight_decay(self) -> set[str]:
-        return {"pos_embed", "cls_token", "mask_token", "decoder_pos_embed"}
+        # MAE's pre-training exempts only 1-D parameters and biases: cls_token and mask_token ARE decayed.
+        # The two position tables are frozen, so the optimizer never sees them.
+        return {"pos_embed", "decoder_pos_embed"}
 
     @property
     def num_layers(self) -> int:

@@ -193,11 +193,7 @@ class VisionTransformer(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         """MAE / timm initialisation. Also call it after ``to_empty()`` on a model built on the meta device."""
-        if self.pos_embed_type == "sincos":
-            pe = get_2d_sincos_pos_embed(self.embed_dim, self.patch_embed.grid_size, cls_token=True)
-            self.pos_embed.copy_(pe.unsqueeze(0))  # (1, 1+N, D), zero row for the class token
-        else:
-            nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        self.init_pos_embed(self.pos_embed_type)
         nn.init.normal_(self.cls_token, std=0.02)
         proj = self.patch_embed.proj
         proj.reset_parameters()  # default conv bias, as MAE leaves it
@@ -213,6 +209,16 @@ class VisionTransformer(nn.Module):
         if isinstance(self.head, nn.Linear):
             nn.init.trunc_normal_(self.head.weight, std=self.head_init_std)
             nn.init.zeros_(self.head.bias)
+
+    @torch.no_grad()
+    def init_pos_embed(self, kind: str) -> None:
+        """'sincos': MAE's fixed 2-D table (zero class-token row); 'learned': truncated normal, std 0.02.
+        Only the values: whether the table trains stays as built (``model.pos_embed``)."""
+        if kind == "sincos":
+            pe = get_2d_sincos_pos_embed(self.embed_dim, self.patch_embed.grid_size, cls_token=True)
+            self.pos_embed.copy_(pe.unsqueeze(0))  # (1, 1+N, D)
+        else:
+            nn.init.trunc_normal_(self.pos_embed, std=0.02)
 
     # --- forward -------------------------------------------------------------------------------------
     def patchify_embed(self, x: torch.Tensor) -> torch.Tensor:

@@ -39,7 +39,8 @@ def stage_data(cfg: Config, rt: Runtime, stage: str):
         raise UserError(f"the data has {data.num_classes} classes but model.num_classes = {cfg.model.num_classes}: "
                         f"set --model.num_classes {data.num_classes}")
     if data.in_chans != cfg.model.in_chans:
-        raise UserError(f"the data has {data.in_chans} channels but model.in_chans = {cfg.model.in_chans}")
+        raise UserError(f"the data has {data.in_chans} channels but model.in_chans = {cfg.model.in_chans}: "
+                        f"set --model.in_chans {data.in_chans}")
     return data
 
 
@@ -64,7 +65,11 @@ def build_student(name: str, cfg: Config, rt: Runtime, carry: dict | None) -> tu
         load_weights(model, carry["model"], "the previous stage", verbose=rt.is_main)
         teacher_state = carry.get("ema")
     elif cfg.model.init:
-        teacher_state = init_from_checkpoint(model, cfg.model.init)
+        teacher_state = init_from_checkpoint(model, cfg.model.init, verbose=rt.is_main)
+    if name == "baseline":
+        # The comparison must differ from the pre-trained path only in pre-training: MAE's encoder init
+        # (xavier linears, as every fresh ViT here) includes the sin-cos position table, learnable or not.
+        model.init_pos_embed("sincos")
     return model.to(rt.device), teacher_state
 
 
@@ -80,6 +85,8 @@ def run_stage(name: str, cfg: Config, rt: Runtime, run_dir: Path, carry: dict | 
         return done["result"], {k: done[k] for k in ("model", "ema") if k in done}
     if name == "eval":
         return run_eval(cfg, rt, carry), carry or {}
+    if name == "pseudo_label":
+        return run_pseudo_label(cfg, rt, run_dir, carry), carry or {}
 
     if name == "baseline":  # from random weights; the next stage starts from what came before it
         summary, _ = train_stage(name, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="")),
@@ -151,5 +158,31 @@ def run_eval(cfg: Config, rt: Runtime, carry: dict | None) -> dict:
             load_weights(model, state[key], f"{source} [{key}]", verbose=rt.is_main)
             models[role] = model.to(rt.device)
     if not models:
-        raise UserError(f"{source}: holds neither 'model' nor 'ema' weights")
+        raise UserError(f"{source}: holds neither 'model' nor 'ema' weights: point eval.checkpoint at one of this "
+                        f"engine's checkpoints (RUN/checkpoints/<stage>-final.pt) or a {{'model': state_dict}} file")
     return evaluate_models(models, data.evaluation, rt)
+
+
+def run_pseudo_label(cfg: Config, rt: Runtime, run_dir: Path, carry: dict | None) -> dict:
+    """Stage "pseudo_label": the teacher of the previous stage (or eval.checkpoint) labels the unlabelled pool
+    into RUN/pseudo_labels.csv. Rank 0 does the work; the file is small next to a training run."""
+    from engine.inference import load_classifier
+    from engine.pseudo_label import describe, export_pseudo_labels
+
+    summary: dict = {}
+    if rt.is_main:
+        if cfg.eval.checkpoint:
+            model, what = load_classifier(cfg.eval.checkpoint, cfg, rt.device)
+        elif carry and (carry.get("ema") or carry.get("model")):
+            what = "teacher" if carry.get("ema") else "model"
+            model = build_model(cfg.model)
+            load_weights(model, carry.get("ema") or carry["model"], "the previous stage", verbose=False)
+            model = model.to(rt.device).eval()
+        else:
+            raise UserError("stage 'pseudo_label' needs a teacher: set --eval.checkpoint PATH (e.g. "
+                            "RUN/model.safetensors), or list it after 'semi' in run.stages")
+        summary = export_pseudo_labels(model, cfg, cfg.semi.threshold, run_dir / "pseudo_labels.csv",
+                                       rt.device, rt.dtype)
+        print(f"[pseudo_label] {describe(summary, what)}")
+    rt.barrier()
+    return summary

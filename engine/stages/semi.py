@@ -1,6 +1,6 @@
 """Stage 3: Semi-ViT semi-supervised fine-tuning with an EMA teacher and probabilistic pseudo mixup.
 
-The step (Semi-ViT, Cai et al. 2022):
+The step, in the order of the paper (docs/method.md, 'The semi step'):
   1. labelled batch B -> mixup (unless disabled) -> loss_x;
   2. teacher (EMA, eval, no grad) on the weak views -> softmax -> confidence p, pseudo label y_hat, mask p >= tau;
   3. probabilistic pseudo mixup on the strong views: lambda_i = p_i / (p_i + p_j), mask max(p_i, p_j) >= tau;
@@ -52,7 +52,7 @@ class SemiStage:
         with phase("pseudo_mixup"):
             if semi.pseudo_mixup:
                 mixed_u = pseudo_mixup(u_strong, prob, y_hat, semi.threshold, cutmix_prob=semi.cutmix_prob)
-            else:
+            else:  # hard pseudo labels (lam 1 on y_hat)
                 mixed_u = MixedBatch(u_strong, y_hat, y_hat, torch.ones_like(prob), mask)
         return x, y, mixed_u, (mask, y_hat, u_true)
 
@@ -65,12 +65,15 @@ class SemiStage:
         # 1. labelled batch, mixed unless disabled
         mixed_x = mix_labelled(x, y, self.cfg.augment)
 
+        # hard pseudo labels take plain cross-entropy, no smoothing (as the original)
+        smoothing_u = semi.smoothing if semi.pseudo_mixup else 0.0
+
         # 4. one student forward over both batches (a ViT has no batch statistics, so this is exact)
         logits = self.forward_model(torch.cat([mixed_x.images, mixed_u.images]))  # (B + muB, classes)
         loss_x = soft_target_cross_entropy(logits[:b], mixed_x.label_a, mixed_x.label_b, mixed_x.lam,
                                            smoothing=self.cfg.augment.smoothing)
         loss_u = soft_target_cross_entropy(logits[b:], mixed_u.label_a, mixed_u.label_b, mixed_u.lam,
-                                           mask=mixed_u.mask, smoothing=semi.smoothing)
+                                           mask=mixed_u.mask, smoothing=smoothing_u)
 
         # 5. total loss
         loss = loss_x + semi.lambda_u * loss_u
