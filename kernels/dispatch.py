@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["BACKENDS", "KernelUnavailable", "OPS", "check_backend", "get_default", "ops_namespace", "report",
+__all__ = ["BACKENDS", "KernelUnavailable", "OPS", "check_backend", "get_default", "op", "report",
            "resolve", "set_default", "describe"]
 
 BACKENDS = ("auto", "triton", "native", "torch", "reference")
@@ -45,28 +45,41 @@ def get_default() -> str:
     return _default
 
 
-def _triton_ok(device: torch.device, dtype: torch.dtype | None) -> tuple[bool, str]:
+def _triton_usable(device: torch.device, dtype: torch.dtype | None) -> bool:
+    from kernels import triton_ops
+
+    return ((device.type in ("cuda", "meta") or triton_ops.interpreted())
+            and (dtype is None or dtype in _TRITON_DTYPES) and triton_ops.load())
+
+
+def _native_usable(device: torch.device) -> bool:
+    from kernels import native
+
+    return device.type in ("cpu", "meta") and native.load()
+
+
+def _triton_problem(device: torch.device, dtype: torch.dtype | None) -> str | None:
+    """Why Triton cannot run on these tensors, or None when it can. Cheap when it can (per call)."""
     from kernels import triton_ops  # optional dependency: imported on first use, never with `kernels`
 
     if device.type not in ("cuda", "meta") and not triton_ops.interpreted():
-        return False, f"triton: tensors on {device.type}, not CUDA (CPU runs Triton only under TRITON_INTERPRET=1)"
-    if not triton_ops.available():
-        return False, triton_ops.status()
+        return f"triton: tensors on {device.type}, not CUDA (CPU runs Triton only under TRITON_INTERPRET=1)"
     if dtype is not None and dtype not in _TRITON_DTYPES:
-        return False, f"triton: {dtype} is not supported (float32, bfloat16, float16)"
+        return f"triton: {dtype} is not supported (float32, bfloat16, float16)"
     if not triton_ops.load():
-        return False, triton_ops.status()
-    return True, triton_ops.status()
+        return triton_ops.status()
+    return None
 
 
-def _native_ok(device: torch.device) -> tuple[bool, str]:
+def _native_problem(device: torch.device) -> str | None:
+    """Why the native ops cannot run on these tensors, or None when they can."""
     from kernels import native
 
     if device.type not in ("cpu", "meta"):
-        return False, f"native: tensors on {device.type}; the native ops are CPU ops"
+        return f"native: tensors on {device.type}; the native ops are CPU ops"
     if not native.load():
-        return False, native.status()
-    return True, native.status()
+        return native.status()
+    return None
 
 
 @torch.compiler.assume_constant_result  # torch.compile evaluates it once while tracing, not in the graph
@@ -74,26 +87,33 @@ def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None
     """The concrete backend (triton | native | torch | reference) for tensors on ``device``."""
     backend = _default if backend is None else backend
     check_backend(backend)
-    if backend == "auto":
-        if device.type == "cuda" and _triton_ok(device, dtype)[0]:
+    if backend == "auto":  # booleans only: the reasons (file checks) are for reports and errors
+        if device.type == "cuda" and _triton_usable(device, dtype):
             return "triton"
-        if device.type in ("cpu", "meta") and _native_ok(device)[0]:
+        if device.type in ("cpu", "meta") and _native_usable(device):
             return "native"
         return "torch"
-    if backend == "triton":
-        ok, why = _triton_ok(device, dtype)
-        if not ok:
-            raise KernelUnavailable(f"kernels backend 'triton' cannot run: {why}; use 'auto' or 'torch'")
-    elif backend == "native":
-        ok, why = _native_ok(device)
-        if not ok:
-            raise KernelUnavailable(f"kernels backend 'native' cannot run: {why}; or use 'auto' or 'torch'")
+    if backend == "triton" and not _triton_usable(device, dtype):
+        why = _triton_problem(device, dtype)
+        raise KernelUnavailable(f"kernels backend 'triton' cannot run: {why}; use 'auto' or 'torch'")
+    if backend == "native" and not _native_usable(device):
+        why = _native_problem(device)
+        raise KernelUnavailable(f"kernels backend 'native' cannot run: {why}; or use 'auto' or 'torch'")
     return backend
 
 
-def ops_namespace(backend: str):
-    """``torch.ops.semivit_triton`` or ``torch.ops.semivit_native``, for a resolved backend."""
-    return torch.ops.semivit_triton if backend == "triton" else torch.ops.semivit_native
+_OP_CACHE: dict[tuple[str, str], object] = {}
+
+
+def op(backend: str, name: str):
+    """The registered op ``torch.ops.semivit_<backend>.<name>.default`` for a resolved backend
+    (triton | native); cached, since the overload-packet lookup costs microseconds per call."""
+    key = (backend, name)
+    found = _OP_CACHE.get(key)
+    if found is None:
+        namespace = torch.ops.semivit_triton if backend == "triton" else torch.ops.semivit_native
+        found = _OP_CACHE[key] = getattr(namespace, name).default
+    return found
 
 
 def describe(device: torch.device | str, backend: str | None = None) -> str:
@@ -113,7 +133,7 @@ def _why(device: torch.device, chosen: str) -> str:
         return triton_ops.status()
     if chosen == "native":
         return native.status()
-    return (_triton_ok(device, None) if device.type == "cuda" else _native_ok(device))[1]
+    return (_triton_problem(device, None) if device.type == "cuda" else _native_problem(device)) or "available"
 
 
 def report() -> str:

@@ -88,6 +88,6 @@ def ema_update(teacher: list[Tensor], student: list[Tensor], decay: float, backe
             torch._foreach_lerp_(ts, ss, 1.0 - decay)  # t + (1 - decay) * (s - t)
         else:
             ss = [s if s.is_contiguous() else s.contiguous() for s in ss]
-            dispatch.ops_namespace(impl).ema_update_(ts, ss, decay)
+            dispatch.op(impl, "ema_update_")(ts, ss, decay)
     for t, s in copies:
         t.copy_(s)  # integer state (num_batches_tracked) is copied, never averaged

@@ -44,7 +44,7 @@ def pseudo_label(logits: Tensor, threshold: float, backend: str | None = None) -
     if impl == "reference":
         return pseudo_label_reference(logits, threshold)
     if impl != "torch":
-        return dispatch.ops_namespace(impl).pseudo_label(logits.contiguous(), threshold)
+        return dispatch.op(impl, "pseudo_label")(logits.contiguous(), threshold)
     z = logits.float()  # (B, C)
     zmax, label = z.max(dim=-1)  # (B,), (B,)
     prob = (z - zmax.unsqueeze(1)).exp_().sum(dim=-1).reciprocal_()  # (B,)

@@ -190,7 +190,7 @@ def mix_batch(
     if impl in ("triton", "native"):
         if partner_index is None:
             partner_index = torch.arange(B - 1, -1, -1, device=dev)  # flip(0)
-        return dispatch.ops_namespace(impl).mix_batch(
+        return dispatch.op(impl, "mix_batch")(
             images.contiguous(), lam.float().expand(B).contiguous(), use_cutmix.expand(B).contiguous(),
             cy.expand(B).contiguous(), cx.expand(B).contiguous(), partner_index.contiguous())
     lam = lam.float()  # (B,)
@@ -257,7 +257,7 @@ def pseudo_mixup(
     _check_draws(draws, B)
     partner = draws.partner  # (B,)
     if impl != "torch":  # lam, the box, its correction and the mask are computed in the kernel
-        out, lam, mask = dispatch.ops_namespace(impl).pseudo_mixup(
+        out, lam, mask = dispatch.op(impl, "pseudo_mixup")(
             images.contiguous(), prob.float().contiguous(), draws.use_cutmix.contiguous(), draws.cy.contiguous(),
             draws.cx.contiguous(), partner.contiguous(), threshold)
         return MixedBatch(out, label, label[partner], lam, mask)

@@ -109,7 +109,7 @@ def soft_target_cross_entropy(
     B = logits.shape[0]
     if impl != "torch":
         lam = lam.float().expand(B).contiguous()
-        ce, _ = dispatch.ops_namespace(impl).soft_target_ce(logits.contiguous(), label_a, label_b, lam, smoothing)
+        ce, _ = dispatch.op(impl, "soft_target_ce")(logits.contiguous(), label_a, label_b, lam, smoothing)
         return ce.mean() if mask is None else torch.dot(mask.to(ce.dtype), ce) / B
     if mask is None:
         mask = torch.ones(B, dtype=_compute_dtype(logits), device=logits.device)
