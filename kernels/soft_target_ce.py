@@ -110,7 +110,9 @@ def soft_target_cross_entropy(
     if impl != "torch":
         lam = lam.float().expand(B).contiguous()
         ce, _ = dispatch.op(impl, "soft_target_ce")(logits.contiguous(), label_a, label_b, lam, smoothing)
-        return ce.mean() if mask is None else torch.dot(mask.to(ce.dtype), ce) / B
+        if mask is None:
+            return ce.mean()
+        return torch.dot(mask.to(ce.dtype) / B, ce)  # the weight has no gradient: one autograd node, not two
     if mask is None:
         mask = torch.ones(B, dtype=_compute_dtype(logits), device=logits.device)
     return _SoftTargetCE.apply(logits, label_a, label_b, lam, mask, smoothing)
