@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from bench import gpu_kernels
+from bench.gpu_kernels import timed  # CUDA events on the GPU, perf_counter on the CPU
 from bench.gpu_report import update_results_md
 from bench.original_step import OriginalStep
 from engine import costmodel as cm
@@ -44,23 +45,6 @@ from engine.runtime import Runtime
 from engine.stages.loop import optimizer_step
 from engine.stages.semi import SemiStage
 from kernels import dispatch
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn, device: torch.device, warmup: int, iters: int) -> float:
-    """Seconds per call (host syncs only around the timed block)."""
-    for _ in range(warmup):
-        fn()
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        fn()
-    sync(device)
-    return (time.perf_counter() - t0) / iters
 
 
 def peak_reset(device):

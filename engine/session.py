@@ -6,7 +6,6 @@ import json
 import time
 from pathlib import Path
 
-import kernels
 from engine import checkpoint as ckpt
 from engine.config import Config, RunPlan
 from engine.errors import UserError

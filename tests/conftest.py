@@ -10,6 +10,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 import kernels.dispatch  # noqa: E402
 
@@ -39,3 +40,12 @@ def kernels_backend(request):
     require_backend(request.param)
     kernels.dispatch.set_default(request.param)
     yield request.param
+
+
+@pytest.fixture
+def one_thread():
+    """Training tests run on one torch thread: steadier on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

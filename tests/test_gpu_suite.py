@@ -1,18 +1,12 @@
 """The prepared GPU suite runs end to end (on the CPU, tiny models) so a lent device's minutes go to measuring."""
 
 import pytest
-import torch
 
 from bench.gpu_report import markdown, update_results_md
 from bench.gpu_suite import main, section, targets
 
 
-@pytest.fixture(autouse=True)
-def one_thread():  # tiny models: a second thread only adds contention on a shared 2-core machine
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds contention
 
 
 def test_gpu_suite_smoke(tmp_path):

@@ -20,12 +20,7 @@ FAST = [("logging.progress", "false"), ("logging.tensorboard", "false"), ("run.t
         ("run.stages", "semi"), ("checkpoint.export_safetensors", "false")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_profile_three_demo_steps_phases_sum_to_the_step(tmp_path):

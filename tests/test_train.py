@@ -28,12 +28,7 @@ DEMO = ROOT / "configs" / "digits.toml"
 FAST = [("logging.progress", "false"), ("logging.tensorboard", "true"), ("run.threads", "1")]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def plan_with(*overrides, stages="finetune,semi"):
