@@ -7,7 +7,7 @@ the native C++ ops (``kernels/csrc``, CPU, built by ``CMakeLists.txt``), torch o
 """
 
 from kernels.dispatch import BACKENDS, KernelUnavailable
-from kernels.ema import ema_tensors, ema_update, ema_update_reference
+from kernels.ema import ema_tensors, ema_update, ema_update_reference, flatten_into_buffers
 from kernels.pseudo_label import pseudo_label, pseudo_label_reference
 from kernels.pseudo_mixup import (
     MixDraws,
@@ -29,6 +29,7 @@ __all__ = [
     "ema_tensors",
     "ema_update",
     "ema_update_reference",
+    "flatten_into_buffers",
     "labelled_mixup",
     "mix_batch",
     "pseudo_label",

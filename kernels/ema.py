@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from kernels import dispatch
 
-__all__ = ["ema_tensors", "ema_update", "ema_update_reference"]
+__all__ = ["ema_tensors", "ema_update", "ema_update_reference", "flatten_into_buffers"]
 
 
 def ema_tensors(module: nn.Module, floating_only: bool = True) -> list[Tensor]:
@@ -30,6 +30,35 @@ def ema_tensors(module: nn.Module, floating_only: bool = True) -> list[Tensor]:
     if floating_only:
         tensors = [t for t in tensors if t.is_floating_point()]
     return tensors
+
+
+@torch.no_grad()
+def flatten_into_buffers(module: nn.Module) -> list[Tensor]:
+    """Move every float parameter and buffer of ``module`` into one contiguous buffer per
+    (device, dtype), each becoming a view of it; values, names, shapes and ``state_dict`` are unchanged.
+    For the EMA teacher, which no optimizer holds: its update then streams through one block of memory
+    instead of ~150 (ViT-B) separate allocations. Returns ``ema_tensors(module)``.
+    """
+    slots = []  # (owner's dict, name, tensor), each tensor once (tied weights share one slot)
+    seen: set[int] = set()
+    for owner in module.modules():
+        for table in (owner._parameters, owner._buffers):
+            for name, t in table.items():
+                if t is not None and t.is_floating_point() and id(t) not in seen:
+                    seen.add(id(t))
+                    slots.append((table, name, t))
+    groups: dict[tuple[torch.device, torch.dtype], list[tuple]] = {}
+    for slot in slots:
+        groups.setdefault((slot[2].device, slot[2].dtype), []).append(slot)
+    for (device, dtype), members in groups.items():
+        flat = torch.empty(sum(t.numel() for _, _, t in members), device=device, dtype=dtype)
+        for (table, name, t), view in zip(members, flat.split([t.numel() for _, _, t in members])):
+            view = view.view(t.shape).copy_(t)
+            if isinstance(t, nn.Parameter):
+                t.data = view  # the same Parameter object (tied weights stay tied), new storage
+            else:
+                table[name] = view
+    return ema_tensors(module)
 
 
 def _check(teacher: list[Tensor], student: list[Tensor], decay: float) -> None:

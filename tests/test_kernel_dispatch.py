@@ -151,6 +151,23 @@ def test_ema_through_dispatch_handles_integer_state_and_bf16_students(backend):
     assert teacher[-1].item() == 9  # integer state copied
 
 
+def test_flatten_into_buffers_keeps_values_and_ties_and_the_ema_follows():
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3))
+    net[2].weight = torch.nn.Parameter(net[0].weight.detach().t().clone())
+    net[0].weight = net[2].weight  # tied (shapes differ in use, the tie is what matters)
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    teacher = kernels.flatten_into_buffers(net)
+    after = net.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert net[0].weight is net[2].weight
+    assert all(t.is_floating_point() for t in teacher)  # what ema_tensors returns: floats only
+    base = teacher[0].untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == base for t in teacher)  # one buffer
+    ema_update(teacher, [t + 1 for t in teacher], 0.5)
+    assert torch.equal(net[1].running_var, before["1.running_var"] + 0.5)  # the module sees the update
+
+
 def test_meta_tensors_flow_through_the_dispatch():
     """--dry-run builds on the meta device: each public op must give shapes there, whatever 'auto' picks."""
     with torch.device("meta"):

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from engine.config import AugmentConfig
-from kernels import MixedBatch, ema_tensors, ema_update, labelled_mixup
+from kernels import MixedBatch, ema_tensors, ema_update, flatten_into_buffers, labelled_mixup
 
 
 class EmaTeacher:
@@ -21,8 +21,9 @@ class EmaTeacher:
             self.module.load_state_dict(init_state)
         self.module.eval().requires_grad_(False)
         self.decay = decay
-        # Parameters keep their identity through training, so the tensor lists are built once.
-        self._teacher = ema_tensors(self.module)
+        # The teacher lives in one flat buffer (its tensors are views): the update streams through one
+        # block of memory. Parameters keep their identity through training, so the lists are built once.
+        self._teacher = flatten_into_buffers(self.module)
         self._student = ema_tensors(student)
 
     @torch.no_grad()
