@@ -1,7 +1,9 @@
 """Checkpoints that survive crashes: write to a temporary name, fsync, rename; keep the newest N.
 
 A checkpoint file is valid only once complete (the rename is atomic), so `--checkpoint.resume auto`
-always finds a loadable one. Loading never unpickles arbitrary objects (weights_only=True).
+always finds a loadable one. A write that fails (full disk, quota, permissions) removes its temporary
+file and raises WriteError: the previous checkpoints are never touched. Loading never unpickles arbitrary
+objects (weights_only=True).
 """
 
 from __future__ import annotations
@@ -13,24 +15,42 @@ from pathlib import Path
 
 import torch
 
-from engine.errors import UserError
+from engine.errors import UserError, WriteError
 
 NAME = re.compile(r"^(?P<stage>[a-z]+)-(?P<kind>e(?P<epoch>\d+)-s(?P<step>\d+)|final)\.pt$")
 
 
 def atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except OSError as err:  # ENOSPC, EDQUOT, EACCES, EROFS, ...: the old files stay as they were
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"could not write checkpoint '{path}' ({err.strerror or err}); earlier checkpoints in "
+                         f"{path.parent} are untouched: free space (or fix permissions) and rerun with "
+                         f"--checkpoint.resume auto --out <the same folder>") from None
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create the run folder and write a probe file in it, so an unusable --out fails before any work."""
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise WriteError(f"--out '{run_dir}' cannot be created or written ({err.strerror or err}): choose a "
+                         f"folder you can write to, on a disk with free space") from None
 
 
 def safe_load(path: str | Path) -> dict:
@@ -67,8 +87,10 @@ def list_checkpoints(folder: Path, stage: str) -> list[Path]:
 
 def save_rolling(obj, folder: Path, stage: str, epoch: int, step: int, keep: int) -> Path:
     path = folder / checkpoint_name(stage, epoch, step)
+    for stale in folder.glob(f".{stage}-*.pt.tmp"):  # left by a save that was killed midway
+        stale.unlink(missing_ok=True)
     atomic_save(obj, path)
-    for old in list_checkpoints(folder, stage)[:-keep]:
+    for old in list_checkpoints(folder, stage)[:-keep]:  # only once the new one is complete
         old.unlink(missing_ok=True)
     return path
 

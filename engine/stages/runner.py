@@ -118,9 +118,7 @@ def train_stage(name: str, cfg: Config, rt: Runtime, run_dir: Path, carry: dict 
     if "profile" in result:  # --profile.steps: the per-phase table (report.md shows it too)
         summary["profile"] = result["profile"]
     handoff = stage.handoff
-    if rt.is_main:
-        ckpt.atomic_save({"stage_name": name, "result": summary, **handoff}, folder / f"{name}-final.pt")
-    rt.barrier()
+    rt.main_only(lambda: ckpt.atomic_save({"stage_name": name, "result": summary, **handoff}, folder / f"{name}-final.pt"))
     return summary, handoff
 
 
