@@ -166,3 +166,58 @@ def test_slurm_script_checkpoints_requeues_and_resumes(tmp_path):
         assert a[part].keys() == b[part].keys()
         for key in a[part]:
             assert torch.equal(a[part][key], b[part][key]), f"{part}: {key}"
+
+
+# FSDP2 semi stage on 2 ranks: the student, the teacher and AdamW's state sharded per block; checkpoints
+# are torch.distributed.checkpoint folders.
+FSDP_SEMI = ["--cfg", str(ROOT / "configs" / "digits.toml"), "--run.stages", "semi", "--run.device", "cpu",
+             "--dist.strategy", "fsdp", "--data.batch_size", "8", "--logging.every_steps", "1",
+             "--logging.progress", "false", "--logging.tensorboard", "false", "--run.threads", "1"]
+
+
+def torchrun(out: Path, *args: str, port: int) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+           "-m", "engine.train", "--out", str(out), *FSDP_SEMI, *args]
+    ran = subprocess.run(cmd, cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    return ran
+
+
+def test_fsdp_checkpoints_resume_exactly_on_two_ranks_and_reshard_to_one(tmp_path):
+    from engine.config import load_plan
+    from engine.models.build import build_model
+    from engine.optim import build_optimizer
+
+    cut, straight = tmp_path / "cut", tmp_path / "straight"
+    torchrun(cut, "--schedule.max_steps", "3", port=29541)
+    folder = cut / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(folder, "semi")] == ["semi-e0000-s000003.dcp"]
+    (folder / "semi-final.pt").unlink()
+    resumed = torchrun(cut, "--schedule.max_steps", "5", "--checkpoint.resume", "auto", port=29543)
+    assert "resumed at step 3/5" in resumed.stdout
+    torchrun(straight, "--schedule.max_steps", "5", port=29545)
+    a = ckpt.safe_load(folder / "semi-final.pt")
+    b = ckpt.safe_load(straight / "checkpoints" / "semi-final.pt")
+    for part in ("model", "ema"):  # gathered from the shards: full tensors
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), f"{part}: {key}"
+
+    # The 2-rank checkpoint loads into one unsharded process (DCP reshards): the same weights
+    cfg = load_plan(ROOT / "configs" / "digits.toml", [("run.stages", "semi")]).stages["semi"]
+    student, teacher = build_model(cfg.model), build_model(cfg.model)
+    optimizer = build_optimizer(student, cfg.optim, 1e-3)
+    path, state = ckpt.newest_valid(folder, "semi")
+    assert path.name == "semi-e0000-s000005.dcp" and state["world_size"] == 2
+    ckpt.load_sharded(path, student, teacher, optimizer)
+    for module, part in ((student, "model"), (teacher, "ema")):
+        for key, value in module.state_dict().items():
+            assert torch.equal(value, a[part][key]), f"{part}: {key}"
+    assert len(optimizer.state) == len(list(student.parameters()))
+    # ... and the engine resumes from it on one process and finishes
+    (folder / "semi-final.pt").unlink()
+    one = subprocess.run([sys.executable, "-m", "engine.train", "--out", str(cut), *FSDP_SEMI, "--schedule.max_steps", "7",
+                          "--checkpoint.resume", "auto"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert "resumed at step 5/7 (saved by another number of processes" in one.stdout
+    assert [p.name for p in ckpt.list_checkpoints(folder, "semi")][-1].endswith("s000007.dcp")

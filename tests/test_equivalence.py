@@ -1,10 +1,11 @@
-"""2 ranks (DDP over gloo, 2 CPU processes) == 1 rank: the same global batch of the same samples, k steps,
+"""2 ranks (DDP or FSDP2 over gloo, 2 CPU processes) == 1 rank: the same global batch of the same samples, k steps,
 the same student and teacher; distributed evaluation == single-process evaluation.
 
 The batches are fixed tensors, sharded like the sampler shards a stream (rank r takes rows r, r + W, ...),
 and every per-rank random draw is switched off (labelled mixup, drop-path, pseudo mixup: its partners are
-drawn within each rank's batch, so 2 ranks cannot pair like 1), so the only difference left is DDP:
-gradients averaged across ranks instead of one larger batch. That changes the order of float additions,
+drawn within each rank's batch, so 2 ranks cannot pair like 1), so the only difference left is the
+strategy: gradients averaged across ranks (DDP all-reduce, FSDP2 reduce-scatter onto shards, the EMA
+updated shard by shard) instead of one larger batch. That changes the order of float additions,
 hence the tolerance below, not a bit-for-bit match.
 """
 
@@ -72,28 +73,33 @@ def shard(batch, rank: int, world: int):
     return tuple(shard(part, rank, world) for part in batch)
 
 
-def train_steps(stage_name: str, rank: int, world: int) -> dict:
+def train_steps(stage_name: str, rank: int, world: int, strategy: str = "ddp") -> dict:
     from engine.metrics import MetricLogger
     from engine.optim import build_optimizer
     from engine.runtime import Runtime
     from engine.stages import loop
     from engine.stages.finetune import FinetuneStage
-    from engine.stages.runner import build_student, stage_data, wrap_for_training
+    from engine.sharding import full_state_dict
+    from engine.stages.runner import build_student, shard_stage, stage_data, wrap_for_training
     from engine.stages.semi import SemiStage
 
-    accum = 2 if stage_name == "finetune" else 1  # accumulation: DDP's no_sync on the first micro-step
-    cfg = plan(stage_name, ("optim.accum_steps", str(accum)))
+    accum = 2 if stage_name == "finetune" else 1  # accumulation: no gradient sync on the first micro-step
+    cfg = plan(stage_name, ("optim.accum_steps", str(accum)), ("dist.strategy", strategy))
+    fsdp = strategy == "fsdp" and world > 1
     rt = Runtime(device=torch.device("cpu"), dtype=None, rank=rank, world_size=world)
     data = stage_data(cfg, rt, stage_name)
     student, _ = build_student(stage_name, cfg, rt, None)
     init = {k: v.clone() for k, v in student.state_dict().items()}
-    forward = wrap_for_training(student, cfg, rt)
+    forward = student if fsdp else wrap_for_training(student, cfg, rt)
     if stage_name == "finetune":
         stage = FinetuneStage(cfg, data, student, forward)
     else:  # a teacher whose head gives confidences around tau, so that the mask keeps about half
         teacher = dict(init)
         teacher["head.weight"] = 0.2 * torch.randn(init["head.weight"].shape, generator=torch.Generator().manual_seed(11))
         stage = SemiStage(cfg, data, student, forward, teacher_state=teacher)
+    if fsdp:  # FSDP2: student and teacher sharded per block, the EMA on each rank's shards
+        shard_stage(stage, cfg, rt)
+        forward = stage.forward_model
     optimizer = build_optimizer(student, cfg.optim, 1e-3)
     params = [p for p in student.parameters() if p.requires_grad]
     logger = MetricLogger.__new__(MetricLogger)  # the step only accumulates into it
@@ -102,12 +108,12 @@ def train_steps(stage_name: str, rank: int, world: int) -> dict:
     for _ in range(STEPS):
         loop.optimizer_step(stage, forward, optimizer, params, batches, cfg, rt, logger)
         stage.after_step()
-    return {"init": init, "student": {k: v.clone() for k, v in student.state_dict().items()},
-            "teacher": {k: v.clone() for k, v in stage.teacher.state_dict().items()},
+    return {"init": init, "student": {k: v.clone() for k, v in full_state_dict(student).items()},
+            "teacher": {k: v.clone() for k, v in full_state_dict(stage.teacher).items()},
             "mask_rate": float(logger.sums.get("raw_mask_rate", torch.zeros(()))) / logger.steps}
 
 
-def evaluation(rank: int, world: int) -> dict:
+def evaluation(rank: int, world: int, strategy: str = "ddp") -> dict:
     """The demo's 540 test images in batches of 64 per rank: uneven shards, a short last batch."""
     from engine.models.build import build_model
     from engine.runtime import Runtime, seed_everything
@@ -118,13 +124,23 @@ def evaluation(rank: int, world: int) -> dict:
     rt = Runtime(device=torch.device("cpu"), dtype=None, rank=rank, world_size=world)
     seed_everything(3)
     model = build_model(cfg.model)
+    if strategy == "fsdp" and world > 1:
+        from engine.sharding import shard_module
+
+        shard_module(model, rt)
     return evaluate(model, stage_data(cfg, rt, "eval").evaluation, rt)
 
 
 def run_all(rank: int, world: int) -> dict:
     torch.set_num_threads(1)
-    return {"finetune": train_steps("finetune", rank, world), "semi": train_steps("semi", rank, world),
-            "eval": evaluation(rank, world)}
+    out = {}
+    for strategy in ("ddp", "fsdp"):
+        out[strategy] = {"finetune": train_steps("finetune", rank, world, strategy),
+                         "semi": train_steps("semi", rank, world, strategy), "eval": evaluation(rank, world, strategy)}
+        if world == 1:  # one rank is the reference of both
+            out["fsdp"] = out["ddp"]
+            break
+    return out
 
 
 @pytest.fixture(autouse=True)
@@ -149,10 +165,13 @@ def test_two_ranks_match_one_rank_and_evaluation_is_exact(tmp_path):
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True) for r in range(2)]
     errors = [p.communicate(timeout=300)[1] for p in procs]
     assert all(p.returncode == 0 for p in procs), "\n".join(e[-2000:] for e in errors)
-    two = torch.load(out + "0.pt", weights_only=True)
-    other = torch.load(out + "1.pt", weights_only=True)
-    one = run_all(0, 1)
+    ranks = [torch.load(out + f"{r}.pt", weights_only=True) for r in range(2)]
+    reference = run_all(0, 1)["ddp"]
+    for strategy in ("ddp", "fsdp"):
+        check(ranks[0][strategy], ranks[1][strategy], reference)
 
+
+def check(two: dict, other: dict, one: dict) -> None:
     for stage in ("finetune", "semi"):
         for role in ("student", "teacher"):
             for key, value in one[stage][role].items():
