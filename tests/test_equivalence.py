@@ -131,14 +131,53 @@ def evaluation(rank: int, world: int, strategy: str = "ddp") -> dict:
     return evaluate(model, stage_data(cfg, rt, "eval").evaluation, rt)
 
 
+class FixedStream:
+    """Five fixed eval batches, rank r taking batches r, r + W, ...: with 2 ranks, 3 and 2 batches."""
+
+    def __init__(self, rank: int, world: int):
+        from dataloading.digits import _load, preprocess
+
+        raw, targets = _load()
+        images = preprocess(torch.from_numpy(raw[:90]).unsqueeze(1), 16, [0.5], [0.5])
+        batches = [(images[i:i + 18], torch.from_numpy(targets[i:i + 18])) for i in range(0, 90, 18)]
+        self.batches = batches[rank::world]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def epoch(self, epoch: int, start: int = 0):
+        return iter(self.batches[start:])
+
+
+def uneven_evaluation(rank: int, world: int) -> dict:
+    """Under FSDP2 the rank with one batch fewer must still join every forward's all-gathers."""
+    from engine.models.build import build_model
+    from engine.runtime import Runtime, seed_everything
+    from engine.sharding import shard_module
+    from engine.stages.evaluate import evaluate
+
+    cfg = plan("eval")
+    rt = Runtime(device=torch.device("cpu"), dtype=None, rank=rank, world_size=world)
+    seed_everything(3)
+    model = build_model(cfg.model)
+    with torch.no_grad():  # a head that separates the classes a little, so top-1 is not a constant
+        model.head.weight.normal_(0, 0.3, generator=torch.Generator().manual_seed(5))
+    if world > 1:
+        shard_module(model, rt)
+    return evaluate(model, FixedStream(rank, world), rt)
+
+
 def run_all(rank: int, world: int) -> dict:
     torch.set_num_threads(1)
     out = {}
     for strategy in ("ddp", "fsdp"):
         out[strategy] = {"finetune": train_steps("finetune", rank, world, strategy),
                          "semi": train_steps("semi", rank, world, strategy), "eval": evaluation(rank, world, strategy)}
+        if strategy == "fsdp":
+            out[strategy]["uneven_eval"] = uneven_evaluation(rank, world)
         if world == 1:  # one rank is the reference of both
             out["fsdp"] = out["ddp"]
+            out["ddp"]["uneven_eval"] = uneven_evaluation(rank, world)
             break
     return out
 
@@ -169,6 +208,9 @@ def test_two_ranks_match_one_rank_and_evaluation_is_exact(tmp_path):
     reference = run_all(0, 1)["ddp"]
     for strategy in ("ddp", "fsdp"):
         check(ranks[0][strategy], ranks[1][strategy], reference)
+    uneven = ranks[0]["fsdp"]["uneven_eval"]  # 3 batches on rank 0, 2 on rank 1, sharded model
+    assert uneven["top1"] == reference["uneven_eval"]["top1"] and uneven["top5"] == reference["uneven_eval"]["top5"]
+    assert 0 < uneven["top1"] < 100 and abs(uneven["loss"] - reference["uneven_eval"]["loss"]) < 1e-6
 
 
 def check(two: dict, other: dict, one: dict) -> None:

@@ -188,3 +188,30 @@ def test_sigkill_during_a_save_leaves_the_previous_checkpoint_and_resume_continu
     assert "resumed at step 3/9" in capsys.readouterr().out
     assert not partial.exists()  # the next save cleared it
     assert json.loads((out / "results.json").read_text())["stages"]["finetune"]["steps"] == 9
+
+
+def test_full_disk_during_a_sharded_save_keeps_the_previous_checkpoint_folder(tmp_path, monkeypatch, capsys):
+    """The same under dist.strategy = "fsdp" (torch.distributed.checkpoint folders, one process here)."""
+    import torch.distributed.checkpoint as dcp
+
+    real_save = dcp.save
+
+    def fill_the_disk(state, checkpoint_id, *args, **kwargs):
+        if "s000006" in str(checkpoint_id):
+            Path(checkpoint_id).mkdir(parents=True, exist_ok=True)
+            (Path(checkpoint_id) / "__0_0.distcp").write_bytes(b"\0" * 4096)  # some shards made it
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(state, *args, checkpoint_id=checkpoint_id, **kwargs)
+
+    out = tmp_path / "full"
+    args = ["--out", str(out), *FINETUNE, "--dist.strategy", "fsdp", "--schedule.max_steps", "9"]
+    monkeypatch.setattr(dcp, "save", fill_the_disk)
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err
+    folder = out / "checkpoints"
+    assert [p.name for p in ckpt.list_checkpoints(folder, "finetune")] == ["finetune-e0001-s000003.dcp"]
+    assert not list(folder.glob(".*.tmp"))
+    monkeypatch.setattr(dcp, "save", real_save)
+    assert main([*args, "--checkpoint.resume", "auto"]) == 0
+    assert "resumed at step 3/9" in capsys.readouterr().out
