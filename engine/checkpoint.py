@@ -1,36 +1,61 @@
 """Checkpoints that survive crashes: write to a temporary name, fsync, rename; keep the newest N.
 
 A checkpoint file is valid only once complete (the rename is atomic), so `--checkpoint.resume auto`
-always finds a loadable one. Loading never unpickles arbitrary objects (weights_only=True).
+always finds a loadable one. Sharded runs (FSDP2) write a torch.distributed.checkpoint folder the same
+way: into a temporary name, renamed once complete. A write that fails (full disk, quota, permissions) removes its temporary
+file and raises WriteError: the previous checkpoints are never touched. Loading never unpickles arbitrary
+objects (weights_only=True).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
+import shutil
+import warnings
 from pathlib import Path
 
 import torch
 
-from engine.errors import UserError
+from engine.errors import UserError, WriteError
 
-NAME = re.compile(r"^(?P<stage>[a-z]+)-(?P<kind>e(?P<epoch>\d+)-s(?P<step>\d+)|final)\.pt$")
+# <stage>-eNNNN-sNNNNNN.pt (one file) or .dcp (a torch.distributed.checkpoint folder: sharded runs)
+NAME = re.compile(r"^(?P<stage>[a-z]+)-(?P<kind>e(?P<epoch>\d+)-s(?P<step>\d+)|final)\.(?P<ext>pt|dcp)$")
 
 
 def atomic_save(obj, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)  # make the rename itself durable
+        finally:
+            os.close(dir_fd)
+    except OSError as err:  # ENOSPC, EDQUOT, EACCES, EROFS, ...: the old files stay as they were
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"could not write checkpoint '{path}' ({err.strerror or err}); earlier checkpoints in "
+                         f"{path.parent} are untouched: free space (or fix permissions) and rerun with "
+                         f"--checkpoint.resume auto --out <the same folder>") from None
+
+
+def check_writable(run_dir: Path) -> None:
+    """Create the run folder and write a probe file in it, so an unusable --out fails before any work."""
+    probe = run_dir / f".write-test-{os.getpid()}"
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise WriteError(f"--out '{run_dir}' cannot be created or written ({err.strerror or err}): choose a "
+                         f"folder you can write to, on a disk with free space") from None
 
 
 def safe_load(path: str | Path) -> dict:
@@ -61,26 +86,127 @@ def list_checkpoints(folder: Path, stage: str) -> list[Path]:
     for p in folder.iterdir():
         m = NAME.match(p.name)
         if m and m["stage"] == stage and m["kind"] != "final":
-            found.append((int(m["epoch"]), int(m["step"]), p))
+            found.append((int(m["step"]), int(m["epoch"]), p))  # by step: epochs depend on the number of ranks
     return [p for _, _, p in sorted(found)]
+
+
+def remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def clear_stale(folder: Path, stage: str) -> None:
+    for stale in folder.glob(f".{stage}-*.tmp"):  # left by a save that was killed midway
+        remove(stale)
 
 
 def save_rolling(obj, folder: Path, stage: str, epoch: int, step: int, keep: int) -> Path:
     path = folder / checkpoint_name(stage, epoch, step)
+    clear_stale(folder, stage)
     atomic_save(obj, path)
-    for old in list_checkpoints(folder, stage)[:-keep]:
-        old.unlink(missing_ok=True)
+    for old in list_checkpoints(folder, stage)[:-keep]:  # only once the new one is complete
+        remove(old)
     return path
+
+
+def save_sharded(meta: dict, student, teacher, optimizer, folder: Path, stage: str, epoch: int, step: int,
+                 keep: int, rt) -> Path:
+    """A torch.distributed.checkpoint folder: every rank writes its own shards into `.NAME.tmp/`, rank 0
+    adds meta.pt (step, RNG states, ...) last and renames the folder: complete or invisible, like a file.
+    Loads on any number of ranks (DCP reshards), also into an unsharded model."""
+    import torch.distributed.checkpoint as dcp
+
+    path = folder / checkpoint_name(stage, epoch, step).replace(".pt", ".dcp")
+    tmp = folder / f".{path.name}.tmp"
+
+    def prepare():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise WriteError(f"could not create '{folder}' ({err.strerror or err})") from None
+        clear_stale(folder, stage)
+
+    rt.main_only(prepare)
+    failure = None
+    try:
+        with single_process_ok():
+            dcp.save(sharded_state(student, teacher, optimizer), checkpoint_id=str(tmp))
+    except Exception as err:  # noqa: BLE001 - DCP reports any rank's failure to every rank
+        failure = err
+
+    def commit():
+        if failure is not None:
+            remove(tmp)
+            raise WriteError(f"could not write checkpoint '{path}' ({str(failure).splitlines()[0][:200]}); earlier "
+                             f"checkpoints in {folder} are untouched: free space (or fix permissions) and rerun "
+                             f"with --checkpoint.resume auto --out <the same folder>")
+        atomic_save(meta, tmp / "meta.pt")
+        try:
+            os.replace(tmp, path)
+        except OSError as err:
+            remove(tmp)
+            raise WriteError(f"could not commit checkpoint '{path}' ({err.strerror or err})") from None
+        for old in list_checkpoints(folder, stage)[:-keep]:
+            remove(old)
+
+    rt.main_only(commit)
+    return path
+
+
+@contextlib.contextmanager
+def single_process_ok():
+    """DCP warns when it runs without a process group; one process is a supported case here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+        yield
+
+
+def sharded_state(student, teacher, optimizer) -> dict:
+    """The state DCP saves and loads: fully-qualified names, each rank's shards (or whole tensors)."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state = {"model": get_model_state_dict(student), "optimizer": get_optimizer_state_dict(student, optimizer)}
+    if teacher is not None:
+        state["ema"] = get_model_state_dict(teacher)
+    return state
+
+
+def load_sharded(path: Path, student, teacher, optimizer) -> None:
+    """Into this run's (sharded or not) modules and optimizer, whatever the number of ranks that saved it."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    state = sharded_state(student, teacher, optimizer)
+    try:
+        with single_process_ok():
+            dcp.load(state, checkpoint_id=str(path))
+    except Exception as err:  # noqa: BLE001
+        raise UserError(f"checkpoint '{path}' could not be loaded ({type(err).__name__}: "
+                        f"{str(err).splitlines()[0][:200]}): use an older checkpoint") from None
+    set_model_state_dict(student, state["model"])
+    set_optimizer_state_dict(student, optimizer, state["optimizer"])
+    if teacher is not None:
+        set_model_state_dict(teacher, state["ema"])
 
 
 def newest_valid(folder: Path, stage: str) -> tuple[Path, dict] | None:
     """The newest checkpoint of `stage` that loads; a damaged newer one is skipped with a warning."""
     for path in reversed(list_checkpoints(folder, stage)):
         try:
-            return path, safe_load(path)
+            return path, load_resumable(path)
         except UserError as err:
             print(f"warning: skipping {err}")
     return None
+
+
+def load_resumable(path: Path) -> dict:
+    """A file's whole state, or a DCP folder's meta.pt with "dcp": the folder (the tensors load later,
+    into the built model: engine.stages.loop)."""
+    if path.is_dir():
+        return {**safe_load(path / "meta.pt"), "dcp": path}
+    return safe_load(path)
 
 
 def export_safetensors(state_dict: dict, path: Path) -> None:

@@ -144,20 +144,29 @@ def memory_rows(name: str, cfg: Config, params: int, trainable: int, world: int,
         per_image = vit_activation_bytes(spec, m.img_size, m.in_chans, m.num_classes, m.global_pool,
                                          m.attn_backend, act, checkpointing)
     image = m.in_chans * m.img_size ** 2 * 4
-    rows = {
-        "parameters (fp32)": params * 4,
-        "gradients": trainable * 4,
-        "AdamW moments": trainable * 8,
-    }
-    if name == "semi" or (name in ("finetune", "baseline") and cfg.ema.enabled):
-        rows["EMA teacher" if name == "semi" else "EMA"] = params * 4
-    if world > 1:
+    fsdp = cfg.dist.strategy == "fsdp" and world > 1
+    rows = dict(state_bytes(name, cfg, params, trainable, world if fsdp else 1))
+    if fsdp:  # FSDP2: two blocks unsharded at a time (the current one and the prefetched next), bf16 on a GPU
+        d, ratio = spec["embed_dim"], spec.get("mlp_ratio", 4.0)
+        block = int(4 * d * d + 2 * ratio * d * d + 10 * d)
+        rows["FSDP all-gathered blocks"] = 2 * block * act
+    elif world > 1:
         rows["DDP gradient buckets"] = trainable * 4
-    if act == 2:
+    if act == 2 and not fsdp:
         rows["autocast bf16 weight copies"] = params * 2
     # loader batches (semi: labelled + weak + strong) and the mixed copies the student reads
     rows["input batches"] = (student + teacher) * image + student * image
     rows["activations (saved for backward)"] = student * per_image
+    return rows
+
+
+def state_bytes(name: str, cfg: Config, params: int, trainable: int, shards: int) -> dict[str, int]:
+    """Bytes per rank of the fp32 weights, gradients, AdamW moments and EMA, split over `shards` ranks
+    (FSDP2) or whole on every rank (DDP: shards = 1)."""
+    rows = {"parameters (fp32)": params * 4 // shards, "gradients": trainable * 4 // shards,
+            "AdamW moments": trainable * 8 // shards}
+    if name == "semi" or (name in ("finetune", "baseline") and cfg.ema.enabled):
+        rows["EMA teacher" if name == "semi" else "EMA"] = params * 4 // shards
     return rows
 
 

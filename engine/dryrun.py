@@ -108,8 +108,14 @@ def memory_lines(name: str, cfg: Config, model, world: int, gpu_key: str) -> lis
     ckpt = cm.memory_rows(name, cfg, params, trainable, world, act, checkpointing=True)
     what = "bf16 autocast" if act == 2 else "fp32"
     images = f"{cfg.data.batch_size} + {student - cfg.data.batch_size}" if name == "semi" else f"{student}"
-    lines = [f"  memory per GPU    GiB, {what}, {images} images per micro-step, {world} process(es); "
-             f"the totals add every row: an upper bound of the peak"]
+    lines = [f"  memory per GPU    GiB, {what}, {images} images per micro-step, {world} process(es), "
+             f"dist.strategy = {cfg.dist.strategy}; the totals add every row: an upper bound of the peak"]
+    per_rank = []
+    for strategy, shards in (("ddp", 1), ("fsdp", world)):
+        state = cm.state_bytes(name, cfg, params, trainable, shards)
+        parts = ", ".join(f"{k.split(' (')[0]} {v / cm.GIB:.3g}" for k, v in state.items())
+        per_rank.append(f"{strategy}: {parts}")
+    lines.append(f"  per-rank state    GiB over {world} rank(s): " + " | ".join(per_rank))
     key = "activations (saved for backward)"
     for row, value in plain.items():
         extra = f"   ({ckpt[key] / cm.GIB:.3g} with activation checkpointing)" if row == key else ""

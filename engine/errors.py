@@ -8,6 +8,10 @@ class UserError(Exception):
     """A problem with the user's input (config, paths, data, checkpoints), with the fix in the message."""
 
 
+class WriteError(UserError):
+    """The run folder or a checkpoint could not be written (permissions, full disk); nothing older was lost."""
+
+
 class ConfigError(UserError):
     """A config value is unknown, mistyped or impossible. `key` is the dotted path that names it."""
 

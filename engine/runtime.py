@@ -14,7 +14,7 @@ import torch.distributed as dist
 import kernels
 
 from engine.config import DistConfig, RunConfig
-from engine.errors import UserError
+from engine.errors import UserError, WriteError
 
 
 @dataclass
@@ -46,6 +46,34 @@ class Runtime:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def main_only(self, write) -> None:
+        """Run `write` (a checkpoint) on rank 0 and let every rank agree on whether it worked: a full disk
+        stops all ranks with one error instead of leaving the others waiting in their next collective.
+        The all-reduce is also the barrier: no rank moves on before the file is complete."""
+        error = None
+        if self.is_main:
+            try:
+                write()
+            except UserError as err:
+                error = err
+        if self.distributed:
+            failed = torch.tensor(float(error is not None), device=self.device)
+            dist.all_reduce(failed)
+            if failed.item() > 0 and error is None:  # a save step, not the training step: one sync is fine
+                raise WriteError("rank 0 could not write a checkpoint (its message says why); resume with "
+                                 "--checkpoint.resume auto once it is fixed")
+        if error is not None:
+            raise error
+
+    def all_rng_states(self) -> list[dict]:
+        """Every rank's RNG states (rank order), so that each rank resumes its own random draws."""
+        state = rng_state()
+        if not self.distributed:
+            return [state]
+        states: list = [None] * self.world_size
+        dist.all_gather_object(states, state)
+        return states
 
 
 def env_world() -> tuple[int, int, int]:
@@ -105,6 +133,17 @@ def rng_state() -> dict:
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def restore_rng(saved, rank: int, world_size: int, reseed: int) -> bool:
+    """Each rank takes back its own saved RNG states; False (and a fresh seed per rank) when the checkpoint
+    was written by another number of ranks, where the old per-rank streams cannot be mapped one to one."""
+    states = [saved] if isinstance(saved, dict) else list(saved)  # a dict: written by an older version
+    if len(states) == world_size:
+        set_rng_state(states[rank])
+        return True
+    seed_everything(reseed + 1000 * rank)
+    return False
 
 
 def set_rng_state(state: dict) -> None:

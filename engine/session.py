@@ -49,9 +49,9 @@ def check_paths(stage: str, cfg: Config, first: bool) -> None:
 def run_plan(plan: RunPlan, run_dir: Path) -> dict:
     t0 = time.perf_counter()
     preflight(plan)
+    ckpt.check_writable(run_dir)  # every rank, before the process group: an unusable --out costs nothing
     rt = setup_runtime(plan.base.run, plan.base.dist)
     if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(plan.to_toml())
         print(run_header(plan.base, rt))
         print(f"run folder: {run_dir}")

@@ -2,7 +2,8 @@
 python -m engine.train [--cfg FILE] [--out DIR] [--dry-run [--dry-run-gpu GPU]] [--section.key VALUE ...]
 
 With no --cfg it runs the embedded demo (configs/digits.toml). Exit codes: 0 done, 2 bad input
-(config, paths, data, checkpoints; nothing lost), 3 interrupted by SIGTERM/SIGINT after saving.
+(config, paths, data, checkpoints, a folder or disk that cannot be written; nothing lost), 3 interrupted
+by SIGTERM/SIGINT after saving. README, "When things go wrong", lists every failure.
 """
 
 from __future__ import annotations
@@ -85,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as err:  # a log, report or export that could not be written (checkpoints say more)
+        where = f" '{err.filename}'" if err.filename else ""
+        print(f"error: input/output failed{where}: {err.strerror or err}; checkpoints already saved are intact: "
+              f"fix it and rerun with --checkpoint.resume auto --out <the same folder>", file=sys.stderr)
         return EXIT_USAGE
     except (KeyboardInterrupt, Interrupted) as err:
         print(f"interrupted: {err}; resume with --checkpoint.resume auto --out <the same folder>", file=sys.stderr)

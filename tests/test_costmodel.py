@@ -82,6 +82,20 @@ def test_memory_rows_for_the_b16_semi_recipe():
     assert "DDP gradient buckets" not in cm.memory_rows("semi", cfg, p, p, world=1, act=2, checkpointing=False)
 
 
+def test_fsdp_rows_shard_weights_optimizer_and_teacher_per_rank(capsys):
+    cfg = load_plan(ROOT / "configs" / "b16_1pct.toml", [("dist.strategy", "fsdp")]).stages["semi"]
+    p = 86_567_656
+    rows = cm.memory_rows("semi", cfg, p, p, world=8, act=2, checkpointing=False)
+    assert rows["parameters (fp32)"] == 4 * p // 8 and rows["AdamW moments"] == 8 * p // 8
+    assert rows["EMA teacher"] == 4 * p // 8 and "DDP gradient buckets" not in rows
+    d = 768  # two ViT-B blocks gathered in bf16
+    assert rows["FSDP all-gathered blocks"] == 2 * 2 * (12 * d * d + 10 * d)
+    assert main(["--cfg", str(ROOT / "configs" / "b16_1pct.toml"), "--dry-run", "--dist.strategy", "fsdp"]) == 0
+    out = capsys.readouterr().out
+    assert "dist.strategy = fsdp" in out
+    assert "per-rank state    GiB over 8 rank(s): ddp: parameters 0.322" in out and "fsdp: parameters 0.0403" in out
+
+
 def test_dry_run_prints_memory_flops_and_assumed_time(capsys):
     assert main(["--cfg", str(ROOT / "configs" / "b16_1pct.toml"), "--dry-run", "--dry-run-gpu", "a100-40gb"]) == 0
     out = capsys.readouterr().out

@@ -60,10 +60,14 @@ class DistConfig:
     # batch and lr. A real launch uses torchrun's WORLD_SIZE and scales the lr to the actual batch.
     world_size: int = 1
     backend: str = "auto"  # auto (nccl on CUDA, gloo on CPU) | nccl | gloo
+    # ddp: every rank holds the whole model, optimizer and teacher | fsdp: FSDP2, all three sharded per
+    # block across ranks; checkpoints are torch.distributed.checkpoint folders (resumable on any world size)
+    strategy: str = "ddp"
 
     def __post_init__(self):
         check(self.world_size >= 1, "world_size", f"must be >= 1, got {self.world_size}")
         one_of("backend", self.backend, ("auto", "nccl", "gloo"))
+        one_of("strategy", self.strategy, ("ddp", "fsdp"))
 
 
 @dataclass

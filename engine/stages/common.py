@@ -21,14 +21,27 @@ class EmaTeacher:
             self.module.load_state_dict(init_state)
         self.module.eval().requires_grad_(False)
         self.decay = decay
-        # The teacher lives in one flat buffer (its tensors are views): the update streams through one
-        # block of memory. Parameters keep their identity through training, so the lists are built once.
-        self._teacher = flatten_into_buffers(self.module)
-        self._student = ema_tensors(student)
+        self.student = student
+        # The teacher lives in one flat buffer (its tensors are views), so the update streams through one
+        # block of memory; under FSDP2 sharding later replaces them and refresh() takes the local shards.
+        flatten_into_buffers(self.module)
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Parameters keep their identity through training, so the tensor lists are built once, and again
+        after sharding replaced them (FSDP2: each rank's local shards, updated without communication)."""
+        from engine.sharding import local
+
+        self._teacher = local(ema_tensors(self.module))
+        self._student = local(ema_tensors(self.student))
 
     @torch.no_grad()
     def update(self) -> None:
         ema_update(self._teacher, self._student, self.decay)
+        if hasattr(self.module, "reshard"):
+            # FSDP2 keeps the root's all-gathered weights after a forward (a backward would free them; the
+            # teacher has none): drop them, or the next forward would reuse weights from before this update.
+            self.module.reshard()
 
 
 def mix_labelled(images: torch.Tensor, labels: torch.Tensor, augment: AugmentConfig) -> MixedBatch:

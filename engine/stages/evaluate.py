@@ -15,6 +15,8 @@ def evaluate(model: nn.Module, stream, rt: Runtime) -> dict[str, float]:
     model.eval()
     # (correct@1, correct@5, loss sum, count) stay on the device until the end: one sync per evaluation.
     totals = torch.zeros(4, device=rt.device, dtype=torch.float64)
+    extra = extra_forwards(model, stream, rt)  # before the first forward: collectives in the same order
+    images = None
     for images, labels in stream.epoch(0):
         with rt.autocast():
             logits = model(images)
@@ -26,10 +28,25 @@ def evaluate(model: nn.Module, stream, rt: Runtime) -> dict[str, float]:
         totals[1] += hits.any(dim=1).sum()
         totals[2] += F.cross_entropy(logits, labels, reduction="sum")
         totals[3] += labels.numel()
+    for _ in range(extra):
+        with rt.autocast():
+            model(images[:1])  # FSDP2's all-gathers need every rank: a rank with one batch fewer joins them
     model.train(was_training)
     c1, c5, loss, n = rt.all_reduce_sum(totals).tolist()
     n = max(n, 1.0)
     return {"top1": 100.0 * c1 / n, "top5": 100.0 * c5 / n, "loss": loss / n}
+
+
+def extra_forwards(model: nn.Module, stream, rt: Runtime) -> int:
+    """Evaluation shards are uneven (no padded duplicates): under FSDP2 a rank with fewer batches runs
+    this many extra forwards, whose outputs are discarded, so that every forward's collectives match."""
+    from engine.sharding import is_sharded
+
+    if not (rt.distributed and is_sharded(model)):
+        return 0
+    most = torch.tensor([float(len(stream))], device=rt.device)
+    torch.distributed.all_reduce(most, op=torch.distributed.ReduceOp.MAX)
+    return int(most.item()) - len(stream)
 
 
 def evaluate_models(models: dict[str, nn.Module], stream, rt: Runtime) -> dict[str, float]:

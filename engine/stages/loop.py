@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import signal
 import time
 from pathlib import Path
 from typing import Iterator, Protocol
@@ -26,8 +25,10 @@ from engine.errors import Interrupted, UserError
 from engine.metrics import MetricLogger, input_hint
 from engine.optim import CosineSchedule, absolute_lr, build_optimizer
 from engine.profiling import SWITCHES, StepProfiler, phase
-from engine.runtime import Runtime, rng_state, set_rng_state
+from engine.runtime import Runtime, restore_rng
 from engine.stages.evaluate import evaluate_models
+from engine.sharding import full_state_dict, is_sharded, replicated, skip_gradient_sync
+from engine.stages.stopping import StopFlag, StopVote
 
 
 class TrainStage(Protocol):
@@ -43,30 +44,6 @@ class TrainStage(Protocol):
     def derive(self, record: dict[str, float]) -> dict[str, float]: ...
     def state_dict(self) -> dict: ...
     def load_state_dict(self, state: dict) -> None: ...
-
-
-class StopFlag:
-    """Turns SIGTERM/SIGINT into a flag checked between steps (all ranks agree on logging steps)."""
-
-    def __init__(self):
-        self.raised = False
-        self.previous = {}
-
-    def __enter__(self):
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(ValueError):  # not the main thread: leave handlers alone
-                self.previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.raised:  # second signal: the user insists
-            raise KeyboardInterrupt
-        self.raised = True
-        print(f"\nsignal {signum}: finishing the current step, saving a checkpoint, then exiting")
-
-    def __exit__(self, *exc):
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def run_training(stage: TrainStage, cfg: Config, rt: Runtime, run_dir: Path, forward_model: nn.Module,
@@ -90,28 +67,47 @@ def run_training(stage: TrainStage, cfg: Config, rt: Runtime, run_dir: Path, for
     skipped = torch.zeros((), device=rt.device)
     best = {"score": -math.inf}
     step = 0
+    sharded = is_sharded(stage.student)
     if resume is not None:
-        stage.student.load_state_dict(resume["model"])
-        stage.load_state_dict(resume["stage"])
-        optimizer.load_state_dict(resume["optimizer"])
+        if "dcp" in resume:  # a folder of shards, from any number of ranks
+            ckpt.load_sharded(resume["dcp"], stage.student, stage.teacher, optimizer)
+        elif sharded:
+            raise UserError(f"checkpoint of step {resume['step']} was written by a dist.strategy = 'ddp' run: "
+                            f"resume it with --dist.strategy ddp")
+        else:
+            stage.student.load_state_dict(resume["model"])
+            stage.load_state_dict(resume["stage"])
+            optimizer.load_state_dict(resume["optimizer"])
         skipped.fill_(resume["skipped"])
         best = resume["best"]
         step = resume["step"]
-        set_rng_state(resume["rng"])
+        exact = restore_rng(resume["rng"], rt.rank, rt.world_size, reseed=cfg.run.seed + step)
         if rt.is_main:
-            print(f"[{stage.name}] resumed at step {step}/{total_steps}")
+            note = "" if exact else " (saved by another number of processes: random draws start afresh)"
+            print(f"[{stage.name}] resumed at step {step}/{total_steps}{note}")
 
-    def state(step_now: int) -> dict:
-        return {"stage_name": stage.name, "model": stage.student.state_dict(), "stage": stage.state_dict(),
-                "optimizer": optimizer.state_dict(), "step": step_now, "skipped": float(skipped),
-                "best": best, "rng": rng_state(), "steps_per_epoch": steps_per_epoch}
+    def meta(step_now: int, rngs: list[dict]) -> dict:
+        return {"stage_name": stage.name, "step": step_now, "skipped": float(skipped), "best": best, "rng": rngs,
+                "steps_per_epoch": steps_per_epoch, "world_size": rt.world_size}
 
     def save(step_now: int) -> None:
         with phase("checkpoint"):
-            if rt.is_main:
-                epoch_now = step_now // steps_per_epoch
-                ckpt.save_rolling(state(step_now), folder, stage.name, epoch_now, step_now, cfg.checkpoint.keep)
-            rt.barrier()
+            rngs = rt.all_rng_states()  # collective: every rank's draws, for an exact resume
+            epoch_now = step_now // steps_per_epoch
+            if cfg.dist.strategy == "fsdp":  # a DCP folder (also on one rank: resumable on any number)
+                ckpt.save_sharded(meta(step_now, rngs), stage.student, stage.teacher, optimizer, folder, stage.name,
+                                  epoch_now, step_now, cfg.checkpoint.keep, rt)
+                return
+            state = {**meta(step_now, rngs), "model": stage.student.state_dict(), "stage": stage.state_dict(),
+                     "optimizer": optimizer.state_dict()}
+            rt.main_only(lambda: ckpt.save_rolling(state, folder, stage.name, epoch_now, step_now, cfg.checkpoint.keep))
+
+    def weights() -> dict:
+        """The weights a best checkpoint keeps, unsharded (a collective under FSDP2)."""
+        if not sharded:
+            return {"model": stage.student.state_dict(), "stage": stage.state_dict()}
+        teacher = {"ema": full_state_dict(stage.teacher)} if stage.teacher is not None else {}
+        return {"model": full_state_dict(stage.student), "stage": teacher}
 
     def evaluate(step_now: int) -> dict:
         with phase("eval"):
@@ -124,10 +120,8 @@ def run_training(stage: TrainStage, cfg: Config, rt: Runtime, run_dir: Path, for
         score = metrics.get("score", metrics.get("teacher_top1", metrics.get("top1")))
         if score > best["score"]:
             best.update({**metrics, "score": score, "step": step_now})
-            if rt.is_main:
-                ckpt.atomic_save({"stage_name": stage.name, "model": stage.student.state_dict(),
-                                  "stage": stage.state_dict(), "metrics": metrics},
-                                 folder / f"{stage.name}-best.pt")
+            kept = {"stage_name": stage.name, **weights(), "metrics": metrics}
+            rt.main_only(lambda: ckpt.atomic_save(kept, folder / f"{stage.name}-best.pt"))
         return metrics
 
     final: dict = {}
@@ -136,8 +130,10 @@ def run_training(stage: TrainStage, cfg: Config, rt: Runtime, run_dir: Path, for
         profiler = StepProfiler(cfg.profile.steps, cfg.profile.wait, cfg.profile.warmup, run_dir, stage.name, rt.device)
     SWITCHES.nvtx = cfg.profile.nvtx
     logger.start(step)
+    vote = StopVote(rt)
     with StopFlag() as stop, contextlib.ExitStack() as cleanup:
         cleanup.callback(setattr, SWITCHES, "nvtx", False)
+        cleanup.callback(vote.close)
         if profiler is not None:
             cleanup.callback(profiler.close)
         forward_model.train()
@@ -164,10 +160,7 @@ def run_training(stage: TrainStage, cfg: Config, rt: Runtime, run_dir: Path, for
                     bar.set_postfix(loss=f"{record.get('loss', float('nan')):.3f}", img_s=f"{record['img_per_s']:.0f}",
                                     data_wait=f"{record['data_wait_ms']:.1f}ms")
                     check_nonfinite(record["skipped"], cfg, save, step)
-                    if rt.distributed:
-                        flag = torch.tensor(float(stop.raised), device=rt.device)
-                        stop.raised = bool(rt.all_reduce_sum(flag).item() > 0)
-                if stop.raised and (log_now or not rt.distributed):
+                if vote.poll(stop.raised):  # every rank says yes after the same step
                     save(step)
                     raise Interrupted(f"stage {stage.name} stopped at step {step}")
                 if step == total_steps or step % steps_per_epoch == 0:
@@ -202,7 +195,7 @@ def optimizer_step(stage, forward_model, optimizer, params, batches, cfg: Config
         with rt.autocast():
             batch = stage.prepare(batch)
         sync = micro == accum - 1 or not rt.distributed
-        with phase("student_forward_backward"), (contextlib.nullcontext() if sync else forward_model.no_sync()):
+        with phase("student_forward_backward"), (contextlib.nullcontext() if sync else skip_gradient_sync(forward_model)):
             with rt.autocast():
                 loss, metrics, images = stage.loss(batch)
             (loss / accum).backward()
@@ -210,7 +203,7 @@ def optimizer_step(stage, forward_model, optimizer, params, batches, cfg: Config
         logger.accumulate(metrics, images, waited)
     with phase("optimizer"):
         max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+        grad_norm = replicated(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))  # FSDP2: a DTensor
         finite = torch.isfinite(total) & torch.isfinite(grad_norm)
         # Fused AdamW skips the update (and its step count) where found_inf is 1: no host sync needed.
         optimizer.found_inf = (~finite).float()

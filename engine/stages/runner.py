@@ -18,8 +18,9 @@ from engine import checkpoint as ckpt
 from engine.config import Config
 from engine.errors import UserError
 from engine.models.build import build_model, init_from_checkpoint, load_weights
-from engine.models.mae import build_mae
+from engine.models.mae import DECODER_KEYS, build_mae
 from engine.runtime import Runtime, seed_everything
+from engine.sharding import full_state_dict, shard_module
 from engine.stages.evaluate import evaluate_models
 from engine.stages.finetune import FinetuneStage
 from engine.stages.loop import run_training
@@ -54,6 +55,26 @@ def wrap_for_training(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
     if cfg.run.compile:
         forward = torch.compile(forward)
     return forward
+
+
+def shard_stage(stage, cfg: Config, rt: Runtime) -> None:
+    """FSDP2: the student and its teacher sharded alike (the teacher is copied from the unsharded student
+    first), the EMA re-pointed at the local shards, then torch.compile when asked."""
+    shard_module(stage.student, rt)
+    if getattr(stage, "ema", None) is not None:
+        shard_module(stage.ema.module, rt)
+        stage.ema.refresh()
+    stage.forward_model = torch.compile(stage.student) if cfg.run.compile else stage.student
+
+
+def full_weights(stage) -> dict:
+    """What the next stage starts from, unsharded on every rank (a collective under FSDP2)."""
+    out = {"model": full_state_dict(stage.student)}
+    if stage.name == "pretrain":  # fine-tuning starts from the encoder alone
+        out["model"] = {k: v for k, v in out["model"].items() if not k.startswith(DECODER_KEYS)}
+    if stage.teacher is not None:
+        out["ema"] = full_state_dict(stage.teacher)
+    return out
 
 
 def build_student(name: str, cfg: Config, rt: Runtime, carry: dict | None) -> tuple[nn.Module, dict | None]:
@@ -100,7 +121,8 @@ def train_stage(name: str, cfg: Config, rt: Runtime, run_dir: Path, carry: dict 
     data = stage_data(cfg, rt, name)
     student, teacher_state = build_student(name, cfg, rt, carry)
     seed_everything(cfg.run.seed + 1000 * rt.rank)  # per-rank randomness for mixup and drop-path
-    forward = wrap_for_training(student, cfg, rt)
+    fsdp = cfg.dist.strategy == "fsdp" and rt.distributed
+    forward = student if fsdp else wrap_for_training(student, cfg, rt)
     if name == "pretrain":
         stage = PretrainStage(cfg, data, student, forward, viz_dir=run_dir)
     elif name in ("finetune", "baseline"):
@@ -109,18 +131,18 @@ def train_stage(name: str, cfg: Config, rt: Runtime, run_dir: Path, carry: dict 
         stage = SemiStage(cfg, data, student, forward, teacher_state)
         if teacher_state is None and rt.is_main:
             print("[semi] no EMA in the starting checkpoint: the teacher starts as a copy of the student")
+    if fsdp:
+        shard_stage(stage, cfg, rt)
     resume = find_resume(cfg, folder, name)
     t0 = time.perf_counter()
-    result = run_training(stage, cfg, rt, run_dir, forward, resume)
+    result = run_training(stage, cfg, rt, run_dir, stage.forward_model, resume)
     summary = {**result["final"], "best_score": result["best"]["score"], "best_step": result["best"].get("step"),
                "steps": result["steps"], "lr": result["lr"], "global_batch": result["global_batch"],
                "seconds": round(time.perf_counter() - t0, 2)}
     if "profile" in result:  # --profile.steps: the per-phase table (report.md shows it too)
         summary["profile"] = result["profile"]
-    handoff = stage.handoff
-    if rt.is_main:
-        ckpt.atomic_save({"stage_name": name, "result": summary, **handoff}, folder / f"{name}-final.pt")
-    rt.barrier()
+    handoff = stage.handoff if not fsdp else full_weights(stage)
+    rt.main_only(lambda: ckpt.atomic_save({"stage_name": name, "result": summary, **handoff}, folder / f"{name}-final.pt"))
     return summary, handoff
 
 
@@ -131,10 +153,10 @@ def find_resume(cfg: Config, folder: Path, name: str) -> dict | None:
     if how == "auto":
         found = ckpt.newest_valid(folder, name)
         return found[1] if found else None
-    state = ckpt.safe_load(how)
+    state = ckpt.load_resumable(Path(how))
     if state.get("stage_name") != name:
         return None  # a checkpoint of another stage: this stage starts fresh
-    if "optimizer" not in state:
+    if "optimizer" not in state and "dcp" not in state:
         raise UserError(f"checkpoint.resume: '{how}' holds weights only (a final or best checkpoint), not a "
                         f"resumable state: start from it with --model.init {how}, or resume from a "
                         f"{name}-eNNNN-sNNNNNN.pt file")
