@@ -160,7 +160,8 @@ def test_digits_config_errors():
     with pytest.raises(UserError, match="data.mean"):
         digits_data(digits_cfg(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]))
     with pytest.raises(UserError, match="fewer than one batch"):
-        digits_data(bs=200)
+        digits_data(ubs=2000)  # the unlabelled set defines the epoch: it must fill a batch
+    assert len(digits_data(bs=200).labelled) == 1  # a labelled set smaller than a batch repeats instead
     with pytest.raises(UserError, match="augment.randaug"):
         digits_data(augment=AugmentConfig(randaug="rand-q9"))
     with pytest.raises(UserError, match="fewer than"):
