@@ -104,12 +104,17 @@ def _torch_stages(files: list[Path]) -> dict[str, float]:
              "+ normalise and erase": lambda im: tail(ra(crop(im)))}
     out = {}
     torch.manual_seed(0)
-    for name, f in steps.items():
-        t0 = time.perf_counter()
-        for p in files:
-            with Image.open(p) as im:
-                f(im.convert("RGB"))
-        out[name] = len(files) / (time.perf_counter() - t0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker
+    try:
+        for name, f in steps.items():
+            t0 = time.perf_counter()
+            for p in files:
+                with Image.open(p) as im:
+                    f(im.convert("RGB"))
+            out[name] = len(files) / (time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
     return out
 
 

@@ -139,18 +139,17 @@ def _erase(images, reprob: float):
 
     if reprob <= 0:
         return images
-    area = fn.random.uniform(range=list(ERASE_AREA))
-    ratio = dmath.exp(fn.random.uniform(range=list(ERASE_LOG_RATIO)))
-    h = dmath.min(dmath.sqrt(area * ratio), 0.999)
-    w = dmath.min(dmath.sqrt(area / ratio), 0.999)
-    y0 = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - h)
-    x0 = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - w)
-    ones = images * 0.0 + 1.0
-    keep = fn.erase(ones, anchor=fn.stack(y0, x0), shape=fn.stack(h, w), axis_names="HW",
-                    normalized_anchor=True, normalized_shape=True, fill_value=0.0)
-    apply = fn.cast(fn.random.coin_flip(probability=reprob), dtype=types.FLOAT)
-    keep = 1.0 - apply * (1.0 - keep)
-    return images * keep + fn.random.normal(images) * (1.0 - keep)
+    if fn.random.coin_flip(probability=reprob, dtype=types.BOOL):  # the work only for the erased samples
+        area = fn.random.uniform(range=list(ERASE_AREA))
+        ratio = dmath.exp(fn.random.uniform(range=list(ERASE_LOG_RATIO)))
+        h = dmath.min(dmath.sqrt(area * ratio), 0.999)
+        w = dmath.min(dmath.sqrt(area / ratio), 0.999)
+        y0 = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - h)
+        x0 = fn.random.uniform(range=[0.0, 1.0]) * (1.0 - w)
+        keep = fn.erase(images * 0.0 + 1.0, anchor=fn.stack(y0, x0), shape=fn.stack(h, w), axis_names="HW",
+                        normalized_anchor=True, normalized_shape=True, fill_value=0.0)
+        images = images * keep + fn.random.normal(images) * (1.0 - keep)
+    return images
 
 
 def _views(kind: str, images, p: dict):
