@@ -194,6 +194,22 @@ def test_bad_images_torch_skips_dali_stops_and_both_honour_the_exclusion_list(tm
         data(cfg(root, loader, exclude=str(tmp_path / "missing.txt")), need=("pretrain",))
 
 
+def test_make_index_from_names_and_per_class(folder, tmp_path):
+    from dataloading.make_index import main
+
+    names = tmp_path / "subset.txt"
+    names.write_text("003.jpg\n")  # the same name in every class folder: one image per class
+    assert main([str(folder), "--names", str(names), "--out", str(tmp_path / "a.csv")]) == 0
+    d = data(cfg(folder, "torch", labelled_index=str(tmp_path / "a.csv")), need=("labelled",))
+    assert list(d.labelled.sample_ids) == [3, 11, 19]  # 8 images per class, sorted class then name
+    assert main([str(folder), "--per-class", "2", "--seed", "5", "--out", str(tmp_path / "b.csv")]) == 0
+    generated = data(cfg(folder, "torch", labels_per_class=2, split_seed=5), need=("labelled",))
+    from_file = data(cfg(folder, "torch", labelled_index=str(tmp_path / "b.csv")), need=("labelled",))
+    assert np.array_equal(generated.labelled.sample_ids, from_file.labelled.sample_ids)
+    names.write_text("nope.jpg\n")
+    assert main([str(folder), "--names", str(names), "--out", str(tmp_path / "c.csv")]) == 2
+
+
 # --------------------------------------------------------------------- the digits as a JPEG ImageFolder
 @pytest.fixture(scope="module")
 def digits_folder(tmp_path_factory):
