@@ -270,3 +270,14 @@ def test_preflight_stops_before_training_for_a_later_stage(digits_folder, tmp_pa
                str(digits_folder), "--stages.semi.model.num_classes", "7", "--schedule.max_steps", "1"])
     err = capsys.readouterr().err
     assert rc == 2 and "model.num_classes" in err and "10" in err and not (out / "checkpoints").exists()
+
+
+def test_dali_gpu_benchmark_smoke(tmp_path, capsys):
+    """The GPU benchmark's CPU form runs the engine's DALI streams end to end and reports no number."""
+    require_dali()
+    from bench.dali_gpu import main
+
+    assert main(["--smoke", "--out", str(tmp_path / "r.json")]) == 0
+    import json
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result["smoke"] and not any(k.endswith("img_per_s") for k in result)
