@@ -87,18 +87,24 @@ def randaug_ops(spec: RandAugSpec):
     from nvidia.dali.auto_aug import augmentations as A
 
     posterize = A.posterize.augmentation(mag_range=(0, 4), mag_to_param=_posterize_mask(spec.increasing))
-    solarize = A.solarize.augmentation(mag_range=(256, 0) if spec.increasing else (0, 256))
+    solarize = A.solarize.augmentation(mag_range=(256, 0)) if spec.increasing else \
+        A.solarize.augmentation(mag_range=(0, 256), mag_to_param=_floor)  # timm: int(level / 10 * 256)
     enhance = [A.color, A.contrast, A.brightness, A.sharpness]
     if not spec.increasing:  # timm's plain set: factor (level / 10) * 1.8 + 0.1, unsigned
-        enhance = [a.augmentation(mag_range=(0.1, 1.9), randomly_negate=False, mag_to_param=_plain_enhance)
+        enhance = [a.augmentation(mag_range=(0.1, 1.9), randomly_negate=False,
+                                  mag_to_param=A.sharpness_kernel_shifted if a is A.sharpness else _factor)
                    for a in enhance]
     translate = [a.augmentation(mag_range=(0, 0.45)) for a in (A.translate_x, A.translate_y)]  # timm's 0.45
     return [A.auto_contrast, A.equalize, A.invert, A.rotate, posterize, solarize,
             A.solarize_add, *enhance, A.shear_x, A.shear_y, *translate]
 
 
-def _plain_enhance(mag):
-    return np.float32(mag - 1.0)  # DALI's enhance ops take the factor minus one
+def _floor(mag):
+    return np.float32(int(mag))
+
+
+def _factor(mag):
+    return np.float32(mag)  # the enhance factor itself (DALI's default maps a signed strength to 1 + it)
 
 
 def _posterize_mask(increasing: bool):
