@@ -137,6 +137,7 @@ def test_labelled_set_smaller_than_one_batch_repeats_reshuffled(folder, loader):
     for (x, y), in batches:
         assert x.shape[0] == (16 if loader == "digits" else 8)
         assert len(set(y.tolist())) == n  # every label appears (each pass covers the set)
+        assert len({bytes(t.numpy().tobytes()) for t in x}) == len(x)  # a repeated image, a new augmentation
     orders = [s.sampler.shard(e) for e in range(3)]
     assert not all(np.array_equal(orders[0], o) for o in orders[1:])  # reshuffled
 
