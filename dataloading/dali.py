@@ -20,6 +20,7 @@ the file and the validate command that writes the exclusion list (data.exclude).
 from __future__ import annotations
 
 import math
+from collections import deque
 from typing import Callable, Iterator
 
 import numpy as np
@@ -180,20 +181,37 @@ def _views(kind: str, images, p: dict):
     return weak, _erase(_normalise(strong, mean, std, aug.hflip), aug.reprob)
 
 
-def build_pipeline(kind: str, params: dict, *, batch_size: int, num_threads: int, device_id: int | None, seed: int):
-    """A built DALI pipeline with one external input, 'jpegs' (a batch of encoded files)."""
+def build_pipeline(kind: str, params: dict, source: Callable, *, batch_size: int, num_threads: int,
+                   device_id: int | None, seed: int):
+    """A built DALI pipeline whose input is `source()`: the encoded files of the next batch. DALI calls it
+    ahead of the consumer (prefetch depth 2, asynchronous executor), so decoding overlaps the training step."""
     from nvidia.dali import fn, pipeline_def, types
 
     @pipeline_def(enable_conditionals=True)
     def pipe():
-        jpegs = fn.external_source(name="jpegs", dtype=types.UINT8, ndim=1)
+        jpegs = fn.external_source(source=source, batch=True, dtype=types.UINT8, ndim=1)
         images = fn.decoders.image(jpegs, device="cpu" if device_id is None else "mixed", output_type=types.RGB)
         return _views(kind, images, params)
 
-    p = pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed,
-             exec_pipelined=False, exec_async=False, prefetch_queue_depth=1)
+    p = pipe(batch_size=batch_size, num_threads=num_threads, device_id=device_id, seed=seed, prefetch_queue_depth=2)
     p.build()
     return p
+
+
+class _Feed:
+    """external_source's callback: the files of the current epoch's next batch; StopIteration ends the
+    epoch for DALI. Remembers what it handed out, so each output batch gets its positions back."""
+
+    def __init__(self, folder):
+        self.folder, self.batches, self.pending = folder, iter(()), deque()
+
+    def start(self, batches) -> None:
+        self.batches, self.pending = iter(batches), deque()
+
+    def __call__(self) -> list[np.ndarray]:
+        pos = next(self.batches)
+        self.pending.append(pos)
+        return [np.fromfile(self.folder.path(int(p)), dtype=np.uint8) for p in pos]
 
 
 def to_torch(tensor_list, device: torch.device) -> Tensor:
@@ -211,23 +229,16 @@ def to_torch(tensor_list, device: torch.device) -> Tensor:
 class DaliStream:
     """A BatchStream: the sampler's batches of positions -> encoded files -> a DALI pipeline."""
 
-    def __init__(self, folder, positions: np.ndarray, sampler: ShardedSampler, make_pipe: Callable[[int], object],
-                 device: torch.device):
+    def __init__(self, folder, positions: np.ndarray, sampler: ShardedSampler, make_pipe: Callable, device: torch.device):
         self.folder, self.positions = folder, np.asarray(positions, dtype=np.int64)
         self.sampler, self.make_pipe, self.device = sampler, make_pipe, device
         self.num_samples = sampler.num_samples
         self.sample_ids = self.positions
         self.corrupt_count, self.corrupt_files = 0, []  # DALI stops at an unreadable file instead
-        self._pipe = None
+        self._feed, self._pipe, self._clean = _Feed(folder), None, False
 
     def __len__(self) -> int:
         return len(self.sampler)
-
-    def _read(self, path: str) -> np.ndarray:
-        try:
-            return np.fromfile(path, dtype=np.uint8)
-        except OSError as e:
-            raise UserError(f"cannot read {path} ({e}): {self._fix()}") from None
 
     def _fix(self) -> str:
         root = self.folder.root.parent
@@ -249,17 +260,24 @@ class DaliStream:
             raise ValueError(f"start={start} is outside 0..{len(s)} (batches per epoch)")
         if start == len(s):
             return
-        if self._pipe is None:  # built once: a build costs far more than a batch of a small labelled set
-            self._pipe = self.make_pipe(derive_seed(s.seed, s.stream, s.rank, epoch, start) % (2**31 - 1))
-        pipe = self._pipe
-        for idx in s.batches(epoch, start):
-            pos = self.positions[idx]
-            paths = [self.folder.path(int(p)) for p in pos]
-            pipe.feed_input("jpegs", [self._read(p) for p in paths])
+        self._feed.start([self.positions[idx] for idx in s.batches(epoch, start)])
+        if self._pipe is None or not self._clean:  # built once; again only after an abandoned epoch, whose
+            # prefetched batches would come out first
+            self._pipe = self.make_pipe(self._feed, derive_seed(s.seed, s.stream, s.rank, epoch, start) % (2**31 - 1))
+        else:
+            self._pipe.reset()  # after the previous epoch's StopIteration
+        self._clean = False
+        while True:
             try:
-                outs = pipe.run()
+                outs = self._pipe.run()
+            except StopIteration:
+                self._clean = True
+                return
             except RuntimeError as e:
-                raise self._unreadable(paths, e) from None
+                self._pipe = None
+                pending = [self.folder.path(int(p)) for pos in self._feed.pending for p in pos]
+                raise self._unreadable(pending, e) from None
+            pos = self._feed.pending.popleft()
             labels = torch.as_tensor(self.folder.targets[pos]).to(self.device)
             yield (*(to_torch(o, self.device) for o in outs), labels)
 
@@ -283,8 +301,8 @@ def build_streams(data, augment, policy: RandAugSpec | None, *, train, val, sets
     def stream(kind: str, folder, positions: np.ndarray, bs: int, train_stream: bool = True) -> DaliStream:
         smp = sampler(kind, positions, bs, train_stream)
         threads = max(1, data.num_workers)
-        make = lambda s: build_pipeline(kind, params, batch_size=bs, num_threads=threads,  # noqa: E731
-                                        device_id=device_id, seed=s)
+        make = lambda source, s: build_pipeline(kind, params, source, batch_size=bs,  # noqa: E731
+                                                num_threads=threads, device_id=device_id, seed=s)
         return DaliStream(folder, positions, smp, make, device)
 
     out = StageData(num_classes=len(train.classes), in_chans=3, classes=train.classes,

@@ -89,6 +89,13 @@ def test_views_shapes_and_the_shared_sampler_order(folder, loader):
             got = [batch[-1] for batch in a.epoch(epoch, start=1)]
             want = [batch[-1] for batch in b.epoch(epoch, start=1)]
             assert all(torch.equal(p, q) for p, q in zip(got, want)) and len(got) == len(want) == len(a) - 1
+    # an epoch abandoned after one batch (DALI has prefetched more) does not leak into the next one
+    partial = d.unlabelled.epoch(3)
+    next(partial)
+    partial.close()
+    got = [batch[-1] for batch in d.unlabelled.epoch(4)]
+    want = [batch[-1] for batch in ref.unlabelled.epoch(4)]
+    assert len(got) == len(want) and all(torch.equal(p, q) for p, q in zip(got, want))
 
 
 def test_dali_evaluation_view_matches_torch(folder):
