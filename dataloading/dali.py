@@ -6,8 +6,8 @@ pixel erasing); evaluation (resize the short side to img_size / 0.875, bicubic, 
 pre-training (crop with pretrain's scale, flip). On a CUDA device JPEGs decode with device="mixed" and
 the batches stay on the GPU; without one the same definitions run CPU-only (device_id=None).
 
-DALI is fed from the engine's own ShardedSampler (fn.external_source, the encoded files of each batch),
-so sharding by rank, the per-epoch shuffle, epoch lengths, the exclusion list and mid-epoch resume are
+DALI is fed from the engine's own ShardedSampler (fn.external_source, the encoded files of each batch,
+read ahead of the consumer by DALI's asynchronous executor), so sharding by rank, the per-epoch shuffle, epoch lengths, the exclusion list and mid-epoch resume are
 decided in one place for both loaders. DALI draws its random numbers per pipeline, which each stream
 builds once, seeded from (run seed, stream, rank, first epoch, first batch): a run is reproducible, but
 after a mid-run resume the augmentations differ from those the uninterrupted run would have drawn (the
