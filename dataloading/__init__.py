@@ -2,8 +2,10 @@
 
 Sources: 'digits' (embedded, in memory, augmented on the device: digits.py, tensor_augment.py) and
 'imagefolder' (ImageNet layout + community index CSVs, CPU decode in DataLoader workers: imagefolder.py,
-transforms.py). Order and sharding: sampler.py. Label splits: splits.py. Unreadable images:
-`python -m dataloading.validate ROOT`.
+transforms.py, pil_randaug.py; or NVIDIA DALI pipelines: dali.py). Order and sharding: sampler.py. Label
+splits: splits.py. Unreadable images: `python -m dataloading.validate ROOT [--out FILE]` (exclude.py).
+Index files: `python -m dataloading.make_index ROOT ...`. The digits as a JPEG folder:
+`python -m dataloading.export_digits OUT`.
 
 The exports load lazily, so `python -m dataloading.validate` starts without importing torch.
 """

@@ -40,6 +40,22 @@ def build_data(data, augment, *, img_size: int, batch_size: int, unlabelled_batc
                                world_size=world_size, device=torch.device(device), need=names)
 
 
+def resolve_loader(data, device: torch.device | str) -> str:
+    """The loader that runs: 'torch' or 'dali'. `auto` takes DALI on a CUDA device when it is installed and
+    the data is a folder (GPU decoding); on a CPU the torch loader, which measured as fast as DALI's CPU
+    pipelines on 2 cores (bench/RESULTS.md), skips unreadable files and follows timm's recipe exactly."""
+    if data.source != "imagefolder":
+        return "torch"  # the in-memory digits have nothing to decode
+    if data.loader == "dali":
+        from dataloading import dali
+        dali.require()
+        return "dali"
+    if data.loader == "auto" and torch.device(device).type == "cuda":
+        from dataloading import dali
+        return "dali" if dali.available() else "torch"
+    return "torch"
+
+
 def describe_data(data) -> dict:
     """Sample counts {"num_classes", "labelled", "unlabelled", "evaluation", "pretrain"} without decoding
     anything (for --dry-run); UserError if the data is not there."""

@@ -117,9 +117,7 @@ def build(data, augment, *, img_size: int, batch_size: int, unlabelled_batch_siz
                         f"set data.mean = [0.5] and data.std = [0.5] (and model.in_chans = 1)")
     policy = parse_randaug(augment.randaug)
     split = split_indices(data)
-    if "labelled" in need:
-        check_batches("labelled", len(split.labelled), batch_size, world_size)
-    if "unlabelled" in need:
+    if "unlabelled" in need:  # the labelled stream repeats itself when smaller than a batch
         check_batches("unlabelled", len(split.unlabelled), unlabelled_batch_size, world_size)
     pretrain_ids = np.union1d(split.labelled, split.unlabelled)
     if "pretrain" in need:
@@ -134,7 +132,7 @@ def build(data, augment, *, img_size: int, batch_size: int, unlabelled_batch_siz
     def stream(name: str, ids: np.ndarray, bs: int, view, train: bool = True) -> TensorStream:
         sel = torch.as_tensor(ids, device=device)
         sampler = ShardedSampler(len(ids), bs, seed=seed, stream=STREAM_IDS[name], rank=rank,
-                                 world_size=world_size, shuffle=train, drop_last=train)
+                                 world_size=world_size, shuffle=train, drop_last=train, repeat=name == "labelled")
         return TensorStream(images.index_select(0, sel), labels.index_select(0, sel), ids, sampler, view, device)
 
     supervised = aug.strong if policy is not None else aug.weak

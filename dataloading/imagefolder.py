@@ -9,8 +9,11 @@ ShardedSampler; every sample's augmentation is seeded from (seed, stream, epoch,
 Unreadable images: the dataset catches the decode error, warns once per file, marks the file in a
 shared-memory flag array (visible from every worker and the main process) and substitutes the next
 readable sample, so batch shapes stay fixed. `stream.corrupt_count` / `stream.corrupt_files` read the
-flags: the distinct unreadable files this stream has met so far. `python -m dataloading.validate ROOT`
-lists them all up front.
+flags: the distinct unreadable files this stream has met so far. `python -m dataloading.validate ROOT
+--out FILE` lists them all up front; with data.exclude = FILE both loaders leave them out.
+
+data.loader = "dali" (or "auto" on a GPU) builds DALI streams instead (dali.py) over the same positions
+and the same samplers.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
 from dataloading import transforms as T
+from dataloading.exclude import excluded_positions, keep, read_exclusions
 from dataloading.randaug import parse_randaug
 from dataloading.sampler import EpochBatchSampler, ShardedSampler
 from dataloading.splits import choose_split
@@ -186,41 +190,65 @@ class LoaderStream:
 
 def build(data, augment, *, img_size: int, batch_size: int, unlabelled_batch_size: int, seed: int, rank: int,
           world_size: int, device: torch.device, need: set[str]) -> StageData:
+    """The streams of `need`, through the torch or the DALI loader (build.resolve_loader); both read the
+    same positions in the same order from the same ShardedSampler."""
+    from dataloading.build import resolve_loader
+
     if len(data.mean) not in (1, 3):
         raise UserError(f"data.mean/std have {len(data.mean)} entries: image folders are read as RGB (set 3 entries) "
                         f"or greyscale (1 entry)")
     policy = parse_randaug(augment.randaug)
+    loader = resolve_loader(data, device)
     train, val = scan_both(data)
     split = choose_split(train.targets, len(train.classes), data, class_names=train.classes, root=data.root)
-    sets = {"labelled": (split.labelled, batch_size), "unlabelled": (split.unlabelled, unlabelled_batch_size),
-            "pretrain": (split.pretrain, batch_size)}
-    for name in ("labelled", "unlabelled", "pretrain"):
+    bad_train, bad_val = excluded(data, train), excluded(data, val)
+    sets = {"labelled": (keep(split.labelled, bad_train), batch_size),
+            "unlabelled": (keep(split.unlabelled, bad_train), unlabelled_batch_size),
+            "pretrain": (keep(split.pretrain, bad_train), batch_size)}
+    if "labelled" in need and len(sets["labelled"][0]) == 0:
+        raise UserError("the labelled set is empty (every labelled image is in data.exclude): label more images")
+    for name in ("unlabelled", "pretrain"):  # the labelled stream repeats itself when smaller than a batch
         if name in need:
             check_batches(name, len(sets[name][0]), sets[name][1], world_size)
 
     mean, std = list(data.mean), list(data.std)
     mode = "RGB" if len(mean) == 3 else "L"
 
+    def sampler(name: str, positions: np.ndarray, bs: int, train: bool = True) -> ShardedSampler:
+        return ShardedSampler(len(positions), bs, seed=seed, stream=STREAM_IDS[name], rank=rank,
+                              world_size=world_size, shuffle=train, drop_last=train, repeat=name == "labelled")
+
+    if loader == "dali":
+        from dataloading import dali
+        return dali.build_streams(data, augment, policy, train=train, val=val, sets=sets,
+                                  eval_positions=keep(np.arange(len(val)), bad_val), sampler=sampler,
+                                  img_size=img_size, seed=seed, rank=rank, device=device, need=need)
+
     def stream(name: str, folder: Folder, positions: np.ndarray, bs: int, views: Callable, train: bool = True):
-        sampler = ShardedSampler(len(positions), bs, seed=seed, stream=STREAM_IDS[name], rank=rank,
-                                 world_size=world_size, shuffle=train, drop_last=train)
-        return LoaderStream(FolderDataset(folder, positions, views, mode), sampler, num_workers=data.num_workers,
-                            device=device)
+        return LoaderStream(FolderDataset(folder, positions, views, mode), sampler(name, positions, bs, train),
+                            num_workers=data.num_workers, device=device)
 
     out = StageData(num_classes=len(train.classes), in_chans=len(mean), classes=train.classes,
                     labelled=None, unlabelled=None, evaluation=None, pretrain=None)
     if "labelled" in need:
         t = T.finetune(img_size, augment, policy, mean, std)
-        out.labelled = stream("labelled", train, split.labelled, batch_size, _Single(t))
+        out.labelled = stream("labelled", train, *sets["labelled"], _Single(t))
     if "unlabelled" in need:
         views = _Pair(T.weak(img_size, augment, mean, std), T.strong(img_size, augment, policy, mean, std))
-        out.unlabelled = stream("unlabelled", train, split.unlabelled, unlabelled_batch_size, views)
+        out.unlabelled = stream("unlabelled", train, *sets["unlabelled"], views)
     if "pretrain" in need:
         t = T.pretrain(img_size, augment, mean, std)
-        out.pretrain = stream("pretrain", train, split.pretrain, batch_size, _Single(t))
-    out.evaluation = stream("evaluation", val, np.arange(len(val)), data.eval_batch_size,
+        out.pretrain = stream("pretrain", train, *sets["pretrain"], _Single(t))
+    out.evaluation = stream("evaluation", val, keep(np.arange(len(val)), bad_val), data.eval_batch_size,
                             _Single(T.evaluation(img_size, mean, std)), train=False)
     return out
+
+
+def excluded(data, folder: Folder) -> np.ndarray:
+    """Positions of `folder` listed in data.exclude (none when it is empty)."""
+    if not data.exclude:
+        return np.zeros(0, np.int64)
+    return excluded_positions(folder, read_exclusions(data.exclude, data.root))
 
 
 class _Single:

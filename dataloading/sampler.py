@@ -9,6 +9,10 @@ Train streams (shuffle, drop_last): every rank gets N // world_size samples and 
 batch, so all ranks run the same number of steps. Eval streams (no shuffle, keep last): rank r gets
 samples r, r + W, r + 2W, ...: every sample exactly once across ranks, nothing padded, so a rank may get
 a smaller last batch or one batch fewer.
+
+A labelled set smaller than one batch per rank (a few labels per class) is normal in semi-supervised
+training: with `repeat`, such a stream repeats the set, reshuffled every pass (as the original's sampler
+does), so every epoch is exactly one full batch per rank.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ class ShardedSampler:
     """Sample positions 0..num_samples-1 for one rank: `shard(epoch)` in order, `batches(epoch, start)`."""
 
     def __init__(self, num_samples: int, batch_size: int, *, seed: int, stream: int, rank: int = 0,
-                 world_size: int = 1, shuffle: bool = True, drop_last: bool | None = None):
+                 world_size: int = 1, shuffle: bool = True, drop_last: bool | None = None, repeat: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside 0..{world_size - 1}")
         if batch_size <= 0:
@@ -42,8 +46,14 @@ class ShardedSampler:
         self.rank, self.world_size = int(rank), int(world_size)
         self.shuffle = bool(shuffle)
         self.drop_last = self.shuffle if drop_last is None else bool(drop_last)
+        # passes over the set per epoch: more than 1 only when a repeating stream is smaller than a batch
+        self.passes = 1
+        if repeat and self.shuffle and self.num_samples // self.world_size < self.batch_size:
+            if self.num_samples == 0:
+                raise ValueError("a repeating stream needs at least one sample")
+            self.passes = -(-self.batch_size * self.world_size // self.num_samples)
         if self.drop_last:
-            self.per_rank = self.num_samples // self.world_size  # equal on every rank
+            self.per_rank = self.num_samples * self.passes // self.world_size  # equal on every rank
             self.num_batches = self.per_rank // self.batch_size
         else:
             self.per_rank = len(range(self.rank, self.num_samples, self.world_size))
@@ -57,7 +67,10 @@ class ShardedSampler:
 
     def shard(self, epoch: int) -> np.ndarray:
         """This rank's sample positions for `epoch`, in the order they are read (int64)."""
-        if self.shuffle:
+        if self.shuffle and self.passes > 1:  # a new permutation for every pass
+            rng = np.random.default_rng(self.epoch_seed(epoch))
+            order = np.concatenate([rng.permutation(self.num_samples) for _ in range(self.passes)])
+        elif self.shuffle:
             order = np.random.default_rng(self.epoch_seed(epoch)).permutation(self.num_samples)
         else:
             order = np.arange(self.num_samples)
@@ -98,7 +111,16 @@ class EpochBatchSampler:
         return len(self.sampler) - self.start
 
     def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        rng = np.random.default_rng(derive_seed(self.sampler.epoch_seed(self.epoch), 0x5EED))
-        seeds = rng.integers(0, 2**63 - 1, size=self.sampler.num_samples, dtype=np.int64)
-        for batch in self.sampler.batches(self.epoch, self.start):
-            yield [(int(i), int(seeds[i])) for i in batch]
+        s = self.sampler
+        rng = np.random.default_rng(derive_seed(s.epoch_seed(self.epoch), 0x5EED))
+        seeds = rng.integers(0, 2**63 - 1, size=s.num_samples * s.passes, dtype=np.int64)
+        shard = s.shard(self.epoch)
+        keys = shard.copy()
+        if s.passes > 1:  # a sample repeated within the epoch draws a new augmentation each time
+            seen: dict[int, int] = {}
+            for j, i in enumerate(shard.tolist()):
+                keys[j] = i + s.num_samples * seen.get(i, 0)
+                seen[i] = seen.get(i, 0) + 1
+        for b in range(self.start, len(s)):
+            sl = slice(b * s.batch_size, (b + 1) * s.batch_size)
+            yield [(int(i), int(seeds[k])) for i, k in zip(shard[sl], keys[sl])]

@@ -1,9 +1,10 @@
-"""List every unreadable image under a folder: `python -m dataloading.validate ROOT [--workers N]`.
+"""List every unreadable image under a folder: `python -m dataloading.validate ROOT [--out FILE] [--workers N]`.
 
 Checks each file the loader would read (torchvision's image extensions) with PIL: verify(), then a full
 decode (load()), which also catches truncated files. Prints one line per unreadable file
 (`path<TAB>error`) and a summary; exit status 1 if any file is unreadable, 0 if all are fine, 2 if ROOT
-is not a folder.
+is not a folder. `--out FILE` also writes the list as an exclusion file (absolute paths): set
+`data.exclude = "FILE"` and both loaders leave those files out.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ def check_image(path: str) -> str | None:
         with Image.open(path) as im:  # verify() leaves the image unusable: reopen to decode every pixel
             im.load()
     except Exception as e:  # OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        return f"{type(e).__name__}: {e}"
+        return f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")
     return None
 
 
@@ -63,6 +64,7 @@ def find_unreadable(root: Path, workers: int = 1, progress: bool = False) -> tup
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dataloading.validate", description=__doc__.splitlines()[0])
     ap.add_argument("root", help="folder to check recursively, e.g. /data/imagenet (train and val)")
+    ap.add_argument("--out", help="also write the unreadable files here, for data.exclude (e.g. ROOT/exclude.txt)")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
     args = ap.parse_args(argv)
     root = Path(args.root).expanduser()
@@ -72,6 +74,12 @@ def main(argv: list[str] | None = None) -> int:
     checked, errors = find_unreadable(root, workers=max(1, args.workers), progress=sys.stderr.isatty())
     for path, err in errors:
         print(f"{path}\t{err}")
+    if args.out:
+        lines = [f"{os.path.abspath(path)}\t{err}" for path, err in errors]
+        Path(args.out).expanduser().write_text(f"# unreadable images under {root.resolve()} (python -m "
+                                               f"dataloading.validate); data.exclude skips them\n"
+                                               + "".join(line + "\n" for line in lines))
+        print(f"exclusion list: {args.out} (set data.exclude = \"{args.out}\")", file=sys.stderr)
     if checked == 0:
         print(f"no image files under {root}", file=sys.stderr)
     print(f"{len(errors)} unreadable of {checked} images under {root}", file=sys.stderr)

@@ -22,15 +22,21 @@ def device_name(rt: Runtime) -> str:
     return f"cpu ({torch.get_num_threads()} threads)"
 
 
-def data_path(cfg: Config) -> str:
+def data_path(cfg: Config, rt: Runtime) -> str:
+    from dataloading.build import resolve_loader
+
     d = cfg.data
     if d.source == "digits":
         return "digits in memory, augmented on the training device"
-    return f"{d.source} via loader '{d.loader}', {d.num_workers} worker(s) per process"
+    loader = resolve_loader(d, rt.device)
+    chosen = f"'{d.loader}' -> {loader}" if d.loader == "auto" else f"'{loader}'"
+    where = f"DALI {'GPU (mixed) decode' if rt.device.type == 'cuda' else 'CPU'}" if loader == "dali" else "CPU decode"
+    unit = "thread(s)" if loader == "dali" else "worker(s)"
+    return f"{d.source} via loader {chosen} ({where}), {d.num_workers} {unit} per process"
 
 
 def run_header(cfg: Config, rt: Runtime) -> str:
     precision = "bf16 autocast" if rt.dtype == torch.bfloat16 else "fp32"
     fields = {"device": device_name(rt), "precision": precision, "attention": cfg.model.attn_backend,
-              "kernels": kernels_backend(cfg, rt), "data": data_path(cfg), "world size": rt.world_size}
+              "kernels": kernels_backend(cfg, rt), "data": data_path(cfg, rt), "world size": rt.world_size}
     return "run: " + "; ".join(f"{k} {v}" for k, v in fields.items())

@@ -7,43 +7,12 @@ import time
 from pathlib import Path
 
 from engine import checkpoint as ckpt
-from engine.config import Config, RunPlan
-from engine.errors import UserError
+from engine.config import RunPlan
 from engine.header import run_header
+from engine.preflight import preflight
 from engine.report import comparison_table, write_report
 from engine.runtime import setup_runtime
 from engine.stages.runner import run_stage
-
-
-def preflight(plan: RunPlan) -> None:
-    """Fail in a second, not an hour in: every path the plan reads must exist before any heavy work."""
-    first = True
-    for name, cfg in plan.stages.items():
-        check_paths(name, cfg, first)
-        first = False
-
-
-def check_paths(stage: str, cfg: Config, first: bool) -> None:
-    d = cfg.data
-    if d.source == "imagefolder":
-        subs = {"eval": (d.val_dir,), "pseudo_label": (d.train_dir,)}.get(stage, (d.train_dir, d.val_dir))
-        for sub in subs:
-            path = Path(d.root) / sub
-            if not path.is_dir():
-                raise UserError(f"data folder '{path}' not found: data.root must hold {d.train_dir}/ and "
-                                f"{d.val_dir}/ with one sub-folder per class (see README, 'Data preparation')")
-        for key in ("labelled_index", "unlabelled_index"):
-            value = getattr(d, key)
-            if value and not Path(value).is_file():
-                raise UserError(f"data.{key}: index file '{value}' not found: fix the path, or set it to \"\" to "
-                                f"generate the split (data.label_fraction / data.labels_per_class)")
-    uses_checkpoint = stage in ("eval", "pseudo_label")
-    if first and cfg.model.init and not uses_checkpoint and not Path(cfg.model.init).is_file():
-        raise UserError(f"model.init: checkpoint '{cfg.model.init}' not found: fix the path, or set --model.init \"\" "
-                        f"to start from random weights")
-    if uses_checkpoint and cfg.eval.checkpoint and not Path(cfg.eval.checkpoint).is_file():
-        raise UserError(f"eval.checkpoint: '{cfg.eval.checkpoint}' not found: fix the path "
-                        f"(a run writes RUN/checkpoints/<stage>-final.pt)")
 
 
 def run_plan(plan: RunPlan, run_dir: Path) -> dict:

@@ -34,6 +34,16 @@ def require_backend(name: str) -> None:
         pytest.skip(module.status())
 
 
+def require_dali() -> None:
+    """DALI tests fail in CI (.ci/run installs the wheel) and skip elsewhere, saying how to install it."""
+    from dataloading import dali
+
+    if not dali.available():
+        if os.environ.get("CI"):
+            pytest.fail(f"NVIDIA DALI unavailable in CI: {dali.INSTALL}")
+        pytest.skip(f"NVIDIA DALI not installed: {dali.INSTALL}")
+
+
 @pytest.fixture(params=["torch", "native", "triton"])
 def kernels_backend(request):
     """Run a test once per implementation, each reached through the public functions' default."""

@@ -160,7 +160,8 @@ def test_digits_config_errors():
     with pytest.raises(UserError, match="data.mean"):
         digits_data(digits_cfg(mean=[0.5, 0.5, 0.5], std=[0.5, 0.5, 0.5]))
     with pytest.raises(UserError, match="fewer than one batch"):
-        digits_data(bs=200)
+        digits_data(ubs=2000)  # the unlabelled set defines the epoch: it must fill a batch
+    assert len(digits_data(bs=200).labelled) == 1  # a labelled set smaller than a batch repeats instead
     with pytest.raises(UserError, match="augment.randaug"):
         digits_data(augment=AugmentConfig(randaug="rand-q9"))
     with pytest.raises(UserError, match="fewer than"):
@@ -341,6 +342,21 @@ def test_sampler_shards_are_disjoint_and_cover():
     assert np.array_equal(np.sort(flat), np.arange(n))  # eval: every sample exactly once, nothing padded
     assert sum(sum(len(b) for b in s.batches(0)) for s in ev) == n
     assert [len(list(s.batches(0, start=2))) for s in ev] == [len(s) - 2 for s in ev]
+
+
+def test_sampler_repeats_a_set_smaller_than_a_batch():
+    from dataloading.sampler import EpochBatchSampler
+
+    for world in (1, 2, 4):  # 3 samples: fewer than one batch of 4 per rank, even fewer than the ranks
+        shards = [ShardedSampler(3, 4, seed=1, stream=1, rank=r, world_size=world, repeat=True) for r in range(world)]
+        assert all(len(s) == 1 and len(s.shard(0)) == 4 for s in shards)  # one full batch per rank and epoch
+        flat = np.concatenate([s.shard(0) for s in shards])
+        assert set(flat) == {0, 1, 2} and np.bincount(flat).max() - np.bincount(flat).min() <= 1  # balanced
+    s = ShardedSampler(3, 8, seed=1, stream=1, repeat=True)
+    assert not all(np.array_equal(s.shard(0)[:3], s.shard(e)[:3]) for e in range(1, 4))  # reshuffled
+    keys = next(iter(EpochBatchSampler(s)))
+    assert len({seed for _, seed in keys}) == 8  # a repeated position draws a new augmentation seed
+    assert len(ShardedSampler(3, 8, seed=1, stream=1, repeat=False)) == 0  # without repeat: no batch
 
 
 def test_folder_views_follow_timm_jitter_rule_and_eval_crop():

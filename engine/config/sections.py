@@ -15,7 +15,8 @@ from engine.errors import ConfigError
 # for comparison: it uses the finetune stage's settings and hands nothing on. "pseudo_label" writes the
 # teacher's labels for the unlabelled pool (engine/pseudo_label.py).
 STAGES = ("baseline", "pretrain", "finetune", "semi", "eval", "pseudo_label")
-LOADERS = ("torch",)  # data.loader choices
+# data.loader choices: auto picks per device (dataloading/build.py, resolve_loader)
+LOADERS = ("auto", "torch", "dali")
 
 
 def one_of(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -107,8 +108,11 @@ class DataConfig:
     test_fraction: float = 0.3  # digits only: held-out test split (fixed)
     batch_size: int = 64  # labelled images per process and step
     eval_batch_size: int = 128
-    num_workers: int = 8  # CPU decoding workers per process
-    loader: str = "torch"  # torch (CPU decode + torchvision transforms)
+    num_workers: int = 8  # CPU decoding workers per process (DALI: its CPU threads)
+    # torch (PIL decode + torchvision/timm-style transforms in DataLoader workers) | dali (NVIDIA DALI;
+    # decoding on the GPU on CUDA) | auto (DALI on CUDA when installed, torch otherwise)
+    loader: str = "auto"
+    exclude: str = ""  # exclusion list (python -m dataloading.validate ROOT --out FILE): files both loaders skip
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 

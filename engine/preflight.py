@@ -1,0 +1,79 @@
+"""The whole plan checked before the first stage trains: a constraint that would fail in a later stage
+(paths, index and exclusion files, checkpoints, the loader, class and channel counts, batch sizes against
+the set sizes) stops the run at start with exit 2, having trained nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from engine.config import Config, RunPlan
+from engine.errors import UserError
+
+TRAINING = ("baseline", "pretrain", "finetune", "semi")
+
+
+def preflight(plan: RunPlan) -> None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    counts: dict[str, dict] = {}  # describe_data per distinct data section (a folder scan each)
+    for i, (name, cfg) in enumerate(plan.stages.items()):
+        check_paths(name, cfg, first=i == 0)
+        if name in TRAINING:
+            key = repr(cfg.data)
+            if key not in counts:
+                from dataloading import describe_data
+                counts[key] = describe_data(cfg.data)
+            check_sizes(name, cfg, counts[key], world)
+
+
+def check_paths(stage: str, cfg: Config, first: bool) -> None:
+    from dataloading.build import resolve_loader
+    from dataloading.exclude import resolve
+    from dataloading.splits import _resolve as resolve_index
+
+    d = cfg.data
+    if d.source == "imagefolder":
+        subs = {"eval": (d.val_dir,), "pseudo_label": (d.train_dir,)}.get(stage, (d.train_dir, d.val_dir))
+        for sub in subs:
+            path = Path(d.root) / sub
+            if not path.is_dir():
+                raise UserError(f"data folder '{path}' not found: data.root must hold {d.train_dir}/ and "
+                                f"{d.val_dir}/ with one sub-folder per class (see README, 'Data preparation')")
+        for key in ("labelled_index", "unlabelled_index"):
+            value = getattr(d, key)
+            if value and not resolve_index(value, d.root).is_file():
+                raise UserError(f"data.{key}: index file '{value}' not found (also looked under data.root): fix the "
+                                f"path, or set it to \"\" to generate the split (data.label_fraction / "
+                                f"data.labels_per_class)")
+        if d.exclude and not resolve(d.exclude, d.root).is_file():
+            raise UserError(f"data.exclude: '{d.exclude}' not found: write it with python -m dataloading.validate "
+                            f"{d.root} --out {d.exclude}, or set data.exclude = \"\"")
+        resolve_loader(d, "cpu")  # data.loader = 'dali' without DALI installed fails here
+    uses_checkpoint = stage in ("eval", "pseudo_label")
+    if first and cfg.model.init and not uses_checkpoint and not Path(cfg.model.init).is_file():
+        raise UserError(f"model.init: checkpoint '{cfg.model.init}' not found: fix the path, or set --model.init \"\" "
+                        f"to start from random weights")
+    if uses_checkpoint and cfg.eval.checkpoint and not Path(cfg.eval.checkpoint).is_file():
+        raise UserError(f"eval.checkpoint: '{cfg.eval.checkpoint}' not found: fix the path "
+                        f"(a run writes RUN/checkpoints/<stage>-final.pt)")
+    resume = cfg.checkpoint.resume
+    if resume and resume != "auto" and not Path(resume).is_file():
+        raise UserError(f"checkpoint.resume: '{resume}' not found: give a checkpoint file, 'auto' (the newest in "
+                        f"the run folder) or \"\"")
+
+
+def check_sizes(stage: str, cfg: Config, n: dict, world: int) -> None:
+    """Class count and, per stream the stage reads, at least one full batch per process (the labelled
+    stream repeats itself when smaller, so it only needs one image)."""
+    if n["num_classes"] != cfg.model.num_classes:
+        raise UserError(f"[{stage}] the data has {n['num_classes']} classes but model.num_classes = "
+                        f"{cfg.model.num_classes}: set --model.num_classes {n['num_classes']}")
+    bs = cfg.data.batch_size
+    need = {"pretrain": [("pretrain", bs)], "semi": [("labelled", 1), ("unlabelled", cfg.semi.mu * bs)]}.get(
+        stage, [("labelled", 1)])
+    for stream, size in need:
+        if n[stream] // world < size:
+            knob = "semi.mu or data.batch_size" if stream == "unlabelled" else "data.batch_size"
+            raise UserError(f"[{stage}] the {stream} set has {n[stream]} images: {n[stream] // world} per process "
+                            f"for {world} process(es), fewer than one batch of {size}; lower {knob} (e.g. "
+                            f"--stages.{stage}.data.batch_size) or use more data")
