@@ -11,7 +11,6 @@ The smoke form writes no throughput (it is not a measurement).
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import sys
 import tempfile
@@ -19,27 +18,11 @@ import time
 from datetime import date
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
+from bench.jpegs import make_jpegs
 from dataloading import build_data
 from engine.config.sections import AugmentConfig, DataConfig
-
-
-def make_jpegs(root: Path, n: int) -> Path:
-    g = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
-    for i in range(n):
-        c = g.uniform(0, 1, 3)
-        arr = np.stack([np.sin(xx / (15 + 40 * c[0])), np.cos(yy / (20 + 30 * c[1])), np.sin((xx + yy) / 50)], -1)
-        arr = np.clip(arr * 60 + 128 + g.normal(0, 12, arr.shape), 0, 255).astype(np.uint8)
-        for split in ("train", "val"):
-            (root / split / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(root / split / f"c{i % 2}" / f"{i:05d}.jpg", quality=90)
-    with open(root / "all.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["Index"]] + [[i] for i in range(n)])
-    return root
 
 
 def loader_rate(root: Path, view: str, device: torch.device, batch: int, threads: int, epochs: int) -> float:

@@ -12,7 +12,6 @@ BENCH_THREADS (default 2) sets the workers / DALI threads; BENCH_IMAGES (default
 
 from __future__ import annotations
 
-import csv
 import os
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.jpegs import make_jpegs
 from dataloading import build_data
 from dataloading.randaug import parse_randaug
 from engine.config.sections import AugmentConfig, DataConfig
@@ -41,21 +41,8 @@ def _dali_or_skip():
 
 @pytest.fixture(scope="module")
 def jpeg_root(tmp_path_factory) -> Path:
-    """IMAGES photos-like JPEGs (smooth colour fields + texture), 500 x 375, q90, in 2 classes."""
-    root = tmp_path_factory.mktemp("bench_jpegs")
-    g = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:375, 0:500].astype(np.float32)
-    for i in range(IMAGES):
-        c = g.uniform(0, 1, (3, 3))
-        field = (c[:, 0, None, None] * np.sin(xx / (20 + 40 * c[:, 1, None, None]))
-                 + c[:, 2, None, None] * np.cos(yy / 35.0)) * 60 + 128
-        arr = np.clip(field.transpose(1, 2, 0) + g.normal(0, 12, (375, 500, 3)), 0, 255).astype(np.uint8)
-        for split in ("train", "val"):
-            (root / split / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
-            Image.fromarray(arr).save(root / split / f"c{i % 2}" / f"{i:04d}.jpg", quality=90)
-    with open(root / "all.csv", "w", newline="") as f:
-        csv.writer(f).writerows([["Index"]] + [[i] for i in range(IMAGES)])
-    return root
+    """IMAGES photo-like JPEGs (smooth colour fields + texture), 500 x 375, q90, in 2 classes."""
+    return make_jpegs(tmp_path_factory.mktemp("bench_jpegs"), IMAGES)
 
 
 def _streams(root: Path, loader: str):

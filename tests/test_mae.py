@@ -21,15 +21,6 @@ TINY_MAE = MaeConfig(decoder_dim=64, decoder_depth=2, decoder_heads=4)
 DIGITS_MODEL = ModelConfig(arch="vit_digits_tiny", img_size=16, in_chans=1, num_classes=10)
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny matmuls run fastest on one thread (and do not fight other processes for the cores)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def tiny(**kw) -> MaskedAutoencoder:
     base = dict(img_size=(8, 12), patch_size=4, in_chans=3, embed_dim=32, depth=2, num_heads=4,
                 decoder_dim=16, decoder_depth=1, decoder_heads=2)
