@@ -72,19 +72,21 @@ SEMIVIT_INLINE float vexp(float x) {
   constexpr float lo = -87.33654f, hi = 88.0f;
   float xc = x < lo ? lo : x;
   xc = xc > hi ? hi : xc;
-  const float t = xc * 1.44269504088896341f + 12582912.0f;  // round(x/ln2) by the 1.5*2^23 trick
+  // Explicit fused multiply-adds: std::fma is exactly rounded everywhere, so the AVX-512 / AVX2 clones
+  // (one vfmadd each) and the baseline clone (a library call) give identical results.
+  const float t = std::fma(xc, 1.44269504088896341f, 12582912.0f);  // round(x/ln2): the 1.5*2^23 trick
   const int32_t n = std::bit_cast<int32_t>(t) - 0x4B400000;
   const float fx = t - 12582912.0f;
-  float r = xc - fx * 0.693359375f;
-  r = r - fx * -2.12194440e-4f;
+  float r = std::fma(fx, -0.693359375f, xc);
+  r = std::fma(fx, 2.12194440e-4f, r);
   const float r2 = r * r;
   float y = 1.9875691500E-4f;
-  y = y * r + 1.3981999507E-3f;
-  y = y * r + 8.3334519073E-3f;
-  y = y * r + 4.1665795894E-2f;
-  y = y * r + 1.6666665459E-1f;
-  y = y * r + 5.0000001201E-1f;
-  y = y * r2 + r + 1.0f;
+  y = std::fma(y, r, 1.3981999507E-3f);
+  y = std::fma(y, r, 8.3334519073E-3f);
+  y = std::fma(y, r, 4.1665795894E-2f);
+  y = std::fma(y, r, 1.6666665459E-1f);
+  y = std::fma(y, r, 5.0000001201E-1f);
+  y = std::fma(y, r2, r) + 1.0f;
   const float res = y * std::bit_cast<float>((n + 127) << 23);
   return x < lo ? 0.0f : res;
 }
