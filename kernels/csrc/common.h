@@ -208,6 +208,16 @@ inline void check_cpu_contig(const at::Tensor& t, const char* op, const char* na
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous");
 }
 
+// Logits `shape` = "(B, C)" or "(N, C)" (rows, classes) of any float dtype, contiguous on the CPU, with at least one class.
+inline void check_logits(const at::Tensor& logits, const char* op, const char* shape) {
+  check_cpu_contig(logits, op, "logits");
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be ", shape, ", got shape ", logits.sizes());
+  TORCH_CHECK(is_float_dtype(logits.scalar_type()), op, ": logits must be float32/float64/bfloat16/float16, got ",
+              logits.scalar_type());
+  TORCH_CHECK(logits.size(1) > 0 || logits.size(0) == 0, op, ": logits must have at least one class, got shape ",
+              logits.sizes());
+}
+
 inline void check_vec(const at::Tensor& t, int64_t B, at::ScalarType dtype, const char* op, const char* name) {
   check_cpu_contig(t, op, name);
   TORCH_CHECK(t.dim() == 1 && t.size(0) == B, op, ": ", name, " must have shape (", B, ",), got ", t.sizes());

@@ -23,12 +23,8 @@ SEMIVIT_CLONES void pseudo_label_rows(const T* z, int64_t C, int64_t r0, int64_t
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> pseudo_label(const at::Tensor& logits, double threshold) {
   constexpr const char* op = "semivit_native::pseudo_label";
-  check_cpu_contig(logits, op, "logits");
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be (N, C), got shape ", logits.sizes());
-  TORCH_CHECK(is_float_dtype(logits.scalar_type()), op, ": logits must be float32/float64/bfloat16/float16, got ",
-              logits.scalar_type());
+  check_logits(logits, op, "(N, C)");
   const int64_t N = logits.size(0), C = logits.size(1);
-  TORCH_CHECK(C > 0 || N == 0, op, ": logits must have at least one class, got shape ", logits.sizes());
   const auto f32 = logits.options().dtype(at::kFloat);
   at::Tensor prob = at::empty({N}, f32), mask = at::empty({N}, f32);
   at::Tensor label = at::empty({N}, logits.options().dtype(at::kLong));

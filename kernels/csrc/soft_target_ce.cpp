@@ -65,12 +65,8 @@ at::ScalarType compute_dtype(const at::Tensor& logits) {
 
 void check_ce_inputs(const char* op, const at::Tensor& logits, const at::Tensor& label_a, const at::Tensor& label_b,
                      const at::Tensor& lam) {
-  check_cpu_contig(logits, op, "logits");
-  TORCH_CHECK(logits.dim() == 2, op, ": logits must be (B, C), got shape ", logits.sizes());
-  TORCH_CHECK(is_float_dtype(logits.scalar_type()), op, ": logits must be float32/float64/bfloat16/float16, got ",
-              logits.scalar_type());
+  check_logits(logits, op, "(B, C)");
   const int64_t B = logits.size(0), C = logits.size(1);
-  TORCH_CHECK(C > 0 || B == 0, op, ": logits must have at least one class, got shape ", logits.sizes());
   check_vec(label_a, B, at::kLong, op, "label_a");
   check_vec(label_b, B, at::kLong, op, "label_b");
   check_vec(lam, B, at::kFloat, op, "lam");
