@@ -4,7 +4,7 @@ Built by the top-level ``CMakeLists.txt`` into ``build/libsemivit_native.so``; n
 import time of ``kernels``: ``load()`` is called lazily by the dispatchers (and by tests).
 After loading, every op gets a fake (meta) implementation, so the ops run on the meta device and
 trace under ``torch.compile(fullgraph=True)``; ``soft_target_ce``'s autograd formula is registered in C++
-(the backward is the native ``soft_target_ce_backward``). Contract: docs/kernels.md.
+(its forward writes the gradient; the backward scales it). Contract: docs/kernels.md.
 
 Public API: ``load``, ``available``, ``status``, ``library_path``, ``BUILD_COMMAND``.
 """
@@ -112,16 +112,12 @@ def _register_python_parts() -> None:
         return torch.empty_like(images, memory_format=torch.contiguous_format), torch.empty_like(lam)
 
     @torch.library.register_fake(ns + "soft_target_ce")
-    def _(logits: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
-          smoothing: float) -> tuple[Tensor, Tensor]:
+    def _(logits: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor, mask: Tensor | None, smoothing: float,
+          with_grad: bool) -> tuple[Tensor, Tensor]:
         torch._check(logits.dim() == 2, lambda: "logits must be (B, C)")
-        b, dt = logits.shape[0], _compute_dtype(logits)
-        return logits.new_empty(b, dtype=dt), logits.new_empty(b, dtype=dt)
-
-    @torch.library.register_fake(ns + "soft_target_ce_backward")
-    def _(grad_ce: Tensor, logits: Tensor, lse: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
-          smoothing: float) -> Tensor:
-        return torch.empty_like(logits, memory_format=torch.contiguous_format)
+        dt = _compute_dtype(logits)
+        grad_shape = tuple(logits.shape) if with_grad else (0,)
+        return logits.new_empty((), dtype=dt), logits.new_empty(grad_shape, dtype=dt)
 
     # The autograd of soft_target_ce is registered in C++ (kernels/csrc/autograd.cpp): ~30 us less host
     # time per forward + backward than torch.library.register_autograd from Python.

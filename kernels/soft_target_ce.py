@@ -98,21 +98,27 @@ def soft_target_cross_entropy(
     """Masked mean soft-target cross-entropy; logits (B, C) any float dtype, label_a / label_b (B,)
     int64, lam (B,) weight of label_a, mask (B,) or None (all ones). Returns a 0-d float32 tensor
     (float64 for float64 logits). Gradient flows to ``logits`` only; closed form, no (B, C) target.
-    ``backend``: see ``kernels.dispatch`` (None = the process default, ``run.kernels``); the fused
-    ops return per-sample CE and log-sum-exp, and their registered backward recomputes the softmax
-    from the logits and the saved log-sum-exp (B numbers) instead of keeping a (B, C) tensor.
+    ``backend``: see ``kernels.dispatch`` (None = the process default, ``run.kernels``). The fused
+    ops compute the masked mean in the kernel and, when the logits need a gradient, write
+    d loss / d logits in the same pass over each row (the softmax's exponentials are already there);
+    their registered backward multiplies it by the upstream gradient: one autograd node, no
+    exponential in the backward. The mask is used in float32 by the fused ops.
     """
     _check(logits, label_a, label_b, lam)
     impl = dispatch.resolve(backend, logits.device, logits.dtype)
     if impl == "reference":
         return soft_target_cross_entropy_reference(logits, label_a, label_b, lam, mask, smoothing)
     B = logits.shape[0]
-    if impl != "torch":
-        lam = lam.float().expand(B).contiguous()
-        ce, _ = dispatch.op(impl, "soft_target_ce")(logits.contiguous(), label_a, label_b, lam, smoothing)
-        if mask is None:
-            return ce.mean()
-        return torch.dot(mask.to(ce.dtype) / B, ce)  # the weight has no gradient: one autograd node, not two
+    if impl != "torch":  # one op: loss and (when needed) the gradient; see kernels/csrc/soft_target_ce.cpp
+        if lam.dim() == 0 or lam.dtype != torch.float32:
+            lam = lam.float().expand(B)
+        if mask is not None and mask.dtype != torch.float32:
+            mask = mask.float()
+        with_grad = logits.requires_grad and torch.is_grad_enabled()
+        loss, _ = dispatch.op(impl, "soft_target_ce")(logits.contiguous(), label_a, label_b, lam.contiguous(),
+                                                      None if mask is None else mask.contiguous(), smoothing,
+                                                      with_grad)
+        return loss
     if mask is None:
         mask = torch.ones(B, dtype=_compute_dtype(logits), device=logits.device)
     return _SoftTargetCE.apply(logits, label_a, label_b, lam, mask, smoothing)

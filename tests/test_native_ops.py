@@ -290,59 +290,61 @@ def _ce_inputs(B: int, C: int, dtype: torch.dtype, seed: int = 0):
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize(("B", "C"), [(2, 3), (5, 7), (80, 1000), (4, 21841)])
 @pytest.mark.parametrize("smoothing", [0.0, 0.1])
-def test_soft_target_ce(ops, dtype, B, C, smoothing):
+@pytest.mark.parametrize("with_mask", [True, False])
+def test_soft_target_ce(ops, dtype, B, C, smoothing, with_mask):
     logits, label_a, label_b, lam = _ce_inputs(B, C, dtype, seed=B + C)
-    mask = (torch.arange(B) % 3 != 1).float()
+    mask = (torch.arange(B) % 3 != 1).float() if with_mask else None
     compute = torch.promote_types(dtype, torch.float32)
     z = logits.clone().requires_grad_()
-    ce, lse = ops.soft_target_ce(z, label_a, label_b, lam, smoothing)
-    assert ce.dtype == lse.dtype == compute and ce.shape == lse.shape == (B,)
-    assert not lse.requires_grad
-    loss = (ce * mask.to(compute)).sum() / B  # what the public function returns
+    loss, grad = ops.soft_target_ce(z, label_a, label_b, lam, mask, smoothing, True)
+    assert loss.dtype == grad.dtype == compute and loss.shape == () and grad.shape == (B, C)
+    assert loss.requires_grad and not grad.requires_grad
     loss.backward()
     zr = logits.clone().requires_grad_()
     ref = soft_target_cross_entropy_reference(zr, label_a, label_b, lam, mask, smoothing)
     ref.backward()
     tol = dict(rtol=1e-12, atol=1e-12) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(lse, torch.logsumexp(logits.to(compute), dim=-1), **tol)
     torch.testing.assert_close(loss, ref, **tol)
-    ref_ce = torch.stack([soft_target_cross_entropy_reference(logits[i:i + 1], label_a[i:i + 1], label_b[i:i + 1],
-                                                              lam[i:i + 1], None, smoothing) for i in range(B)])
-    torch.testing.assert_close(ce, ref_ce, **tol)
     assert z.grad.dtype == dtype
     rtol, atol = TOL[dtype]
     torch.testing.assert_close(z.grad, zr.grad, rtol=max(rtol, 1e-5), atol=max(atol, 1e-7))
+    # the forward's gradient is d loss / d logits in the compute dtype, rounded once to the logits' dtype
+    assert torch.equal(grad.to(dtype), z.grad)
+    alone, none = ops.soft_target_ce(logits, label_a, label_b, lam, mask, smoothing, False)
+    assert none.shape == (0,) and torch.equal(alone, loss.detach())
 
 
-def test_soft_target_ce_backward_op(ops):
-    """The backward op alone, float64 upstream gradients with float32 logits included."""
+def test_soft_target_ce_scales_by_the_upstream_gradient(ops):
+    """The backward multiplies the saved d loss / d logits by the upstream gradient (any value, float32
+    logits with a float64 loss above them included)."""
     logits, label_a, label_b, lam = _ce_inputs(6, 7, torch.float32, seed=9)
-    _, lse = ops.soft_target_ce(logits, label_a, label_b, lam, 0.1)
-    grad_ce = torch.randn(6, generator=_gen(10))
     t = torch.full((6, 7), 0.1 / 7)
     t[torch.arange(6), label_a] += 0.9 * lam
     t[torch.arange(6), label_b] += 0.9 * (1 - lam)
-    expected = grad_ce[:, None] * (torch.softmax(logits, -1) - t)
-    for g in (grad_ce, grad_ce.double()):
-        got = ops.soft_target_ce_backward(g, logits, lse, label_a, label_b, lam, 0.1)
-        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+    z = logits.clone().requires_grad_()
+    loss, _ = ops.soft_target_ce(z, label_a, label_b, lam, None, 0.1, True)
+    (loss.double() * -2.5).backward()
+    torch.testing.assert_close(z.grad, -2.5 / 6 * (torch.softmax(logits, -1) - t), rtol=1e-5, atol=1e-6)
 
 
 def test_soft_target_ce_gradcheck(ops):
     logits, label_a, label_b, lam = _ce_inputs(3, 7, torch.float64, seed=11)
     z = logits.requires_grad_()
-    # first derivatives only: the backward op itself is not differentiable (as the torch version)
-    assert torch.autograd.gradcheck(lambda x: ops.soft_target_ce(x, label_a, label_b, lam, 0.1)[0], (z,))
+    mask = torch.tensor([1.0, 0.0, 0.5])
+    # first derivatives only: the saved gradient is not differentiable again (as the torch version)
+    assert torch.autograd.gradcheck(lambda x: ops.soft_target_ce(x, label_a, label_b, lam, mask, 0.1, True)[0], (z,))
 
 
 def test_soft_target_ce_errors(ops):
     logits, label_a, label_b, lam = _ce_inputs(2, 3, torch.float32)
     with pytest.raises(RuntimeError, match="label_a\\[1\\] = 3 is outside"):
-        ops.soft_target_ce(logits, torch.tensor([0, 3]), label_b, lam, 0.1)
+        ops.soft_target_ce(logits, torch.tensor([0, 3]), label_b, lam, None, 0.1, False)
     with pytest.raises(RuntimeError, match="lam must be Float"):
-        ops.soft_target_ce(logits, label_a, label_b, lam.double(), 0.1)
-    with pytest.raises(RuntimeError, match="lse must be Double"):
-        ops.soft_target_ce_backward(torch.ones(2), logits.double(), torch.ones(2), label_a, label_b, lam, 0.1)
+        ops.soft_target_ce(logits, label_a, label_b, lam.double(), None, 0.1, False)
+    with pytest.raises(RuntimeError, match="mask must have shape \\(2,\\)"):
+        ops.soft_target_ce(logits, label_a, label_b, lam, torch.ones(3), 0.1, False)
+    with pytest.raises(RuntimeError, match="call it with with_grad=True"):
+        ops.soft_target_ce(logits.requires_grad_(), label_a, label_b, lam, None, 0.1, False)
 
 
 # ------------------------------------------------------------------- threads, opcheck, meta, compile
@@ -364,7 +366,7 @@ def test_same_results_for_any_thread_count(ops, threads):
     def run():
         t = [x.clone() for x in teacher]
         ops.ema_update_(t, student, 0.9)
-        return (t, ops.pseudo_label(logits, 0.5), ops.soft_target_ce(logits, *labels_lam, 0.1),
+        return (t, ops.pseudo_label(logits, 0.5), ops.soft_target_ce(logits, *labels_lam, None, 0.1, True),
                 ops.pseudo_mixup(images, prob, *draws, 0.5))
 
     before = torch.get_num_threads()
@@ -385,14 +387,13 @@ def _op_samples():
     images = torch.randn(B, 3, H, W, generator=g)
     draws = _draws(B, H, W, seed=13)
     logits, label_a, label_b, lam = _ce_inputs(B, 7, torch.float64, seed=14)
-    lse = torch.logsumexp(logits, -1)
     return [
         ("ema_update_", ([torch.randn(5), torch.randn(3, 2)], [torch.randn(5), torch.randn(3, 2)], 0.9)),
         ("pseudo_label", (torch.randn(B, 7, generator=g), 0.3)),
         ("pseudo_mixup", (images, torch.rand(B, generator=g), *draws, 0.5)),
         ("mix_batch", (images, torch.rand(B, generator=g), *draws)),
-        ("soft_target_ce", (logits.clone().requires_grad_(), label_a, label_b, lam, 0.1)),
-        ("soft_target_ce_backward", (torch.randn(B, dtype=torch.float64), logits, lse, label_a, label_b, lam, 0.1)),
+        ("soft_target_ce", (logits.clone().requires_grad_(), label_a, label_b, lam, torch.rand(B, generator=g), 0.1,
+                            True)),
     ]
 
 
@@ -415,9 +416,9 @@ def test_meta_device(ops):
     assert out.shape == images.shape and lam.dtype == torch.float32
     z = torch.empty(B, 10, device=m, dtype=torch.float64, requires_grad=True)
     labels = torch.zeros(B, dtype=torch.long, device=m)
-    ce, lse = ops.soft_target_ce(z, labels, labels, torch.empty(B, device=m), 0.1)
-    assert ce.dtype == lse.dtype == torch.float64 and ce.shape == (B,)
-    ce.sum().backward()
+    loss, grad = ops.soft_target_ce(z, labels, labels, torch.empty(B, device=m), None, 0.1, True)
+    assert loss.dtype == grad.dtype == torch.float64 and loss.shape == () and grad.shape == (B, 10)
+    loss.backward()
     assert z.grad.shape == z.shape and z.grad.device == m
     t = [torch.empty(3, device=m)]
     ops.ema_update_(t, [torch.empty(3, device=m)], 0.9)
@@ -428,8 +429,8 @@ def test_compile_fullgraph_soft_target_ce(ops):
     mask = torch.tensor([1.0, 0.0, 1.0, 1.0])
 
     def loss_fn(z, a, b, w, m):
-        ce, _ = torch.ops.semivit_native.soft_target_ce(z, a, b, w, 0.1)
-        return (ce * m).sum() / z.shape[0]
+        loss, _ = torch.ops.semivit_native.soft_target_ce(z, a, b, w, m, 0.1, True)
+        return loss
 
     compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")  # dynamo + AOTAutograd through the fake impl and autograd; inductor adds ~20 s
     z1 = logits.clone().requires_grad_()

@@ -296,10 +296,8 @@ def test_soft_target_ce_forward_backward(Bn, C, dtype):
     mask[1] = 0.0
     s = 0.1
     zt = z.detach().to(DEV).requires_grad_()
-    ce, lse = ops.soft_target_ce(zt, a.to(DEV), b.to(DEV), lam.to(DEV), s)
-    assert ce.dtype == lse.dtype == torch.float32 and not lse.requires_grad
-    torch.testing.assert_close(lse.detach().cpu(), torch.logsumexp(z.float(), dim=-1), atol=1e-5, rtol=1e-6)
-    loss = (ce * mask.to(DEV)).sum() / Bn
+    loss, grad = ops.soft_target_ce(zt, a.to(DEV), b.to(DEV), lam.to(DEV), mask.to(DEV), s, True)
+    assert loss.dtype == grad.dtype == torch.float32 and loss.shape == () and not grad.requires_grad
     loss.backward()
     zr = z.detach().clone().requires_grad_()
     ref = soft_target_cross_entropy_reference(zr, a, b, lam, mask, s)
@@ -307,19 +305,26 @@ def test_soft_target_ce_forward_backward(Bn, C, dtype):
     torch.testing.assert_close(loss.detach().cpu(), ref.detach(), atol=2e-5, rtol=1e-5)
     assert zt.grad.dtype == dtype
     torch.testing.assert_close(zt.grad.cpu(), zr.grad, **TOL[dtype])
+    assert torch.equal(zt.grad, grad.to(dtype))  # the backward scales the forward's gradient by 1
+    alone, none = ops.soft_target_ce(z.to(DEV), a.to(DEV), b.to(DEV), lam.to(DEV), mask.to(DEV), s, False)
+    assert none.shape == (0,) and torch.equal(alone, loss.detach())
 
 
-def test_soft_target_ce_backward_op_and_fp64_rejected():
+def test_soft_target_ce_upstream_gradient_and_errors():
     z = torch.randn(2, 11)
     a, b, lam = torch.tensor([1, 10]), torch.tensor([0, 10]), torch.tensor([0.25, 0.5])
-    grad_ce = torch.tensor([0.5, -2.0])
-    _, lse = ops.soft_target_ce(z.to(DEV), a.to(DEV), b.to(DEV), lam.to(DEV), 0.2)
-    grad = ops.soft_target_ce_backward(grad_ce.to(DEV), z.to(DEV), lse, a.to(DEV), b.to(DEV), lam.to(DEV), 0.2)
+    zt = z.to(DEV).requires_grad_()
+    loss, _ = ops.soft_target_ce(zt, a.to(DEV), b.to(DEV), lam.to(DEV), None, 0.2, True)
+    (loss * -3.0).backward()
     one_hot = torch.nn.functional.one_hot
     t = 0.8 * (lam[:, None] * one_hot(a, 11) + (1 - lam[:, None]) * one_hot(b, 11)) + 0.2 / 11
-    torch.testing.assert_close(grad.cpu(), grad_ce[:, None] * (torch.softmax(z, -1) - t), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(zt.grad.cpu(), -3.0 / 2 * (torch.softmax(z, -1) - t), atol=1e-6, rtol=1e-5)
     with pytest.raises(ValueError, match="float64"):
-        ops.soft_target_ce(z.double().to(DEV), a.to(DEV), b.to(DEV), lam.to(DEV), 0.1)
+        ops.soft_target_ce(z.double().to(DEV), a.to(DEV), b.to(DEV), lam.to(DEV), None, 0.1, False)
+    with pytest.raises(ValueError, match="mask must be"):
+        ops.soft_target_ce(z.to(DEV), a.to(DEV), b.to(DEV), lam.to(DEV), torch.ones(3, device=DEV), 0.1, False)
+    with pytest.raises(RuntimeError, match="with_grad=True"):
+        ops.soft_target_ce(z.to(DEV).requires_grad_(), a.to(DEV), b.to(DEV), lam.to(DEV), None, 0.1, False)
 
 
 def test_soft_target_ce_compiles_fullgraph_forward_and_backward():
@@ -331,8 +336,8 @@ def test_soft_target_ce_compiles_fullgraph_forward_and_backward():
     lam, mask = torch.rand(4, device=DEV), torch.tensor([1.0, 0.0, 1.0, 1.0], device=DEV)
 
     def loss_fn(x):
-        ce, _ = ops.soft_target_ce(x, a, b, lam, 0.1)
-        return (ce * mask).sum() / 4
+        loss, _ = ops.soft_target_ce(x, a, b, lam, mask, 0.1, True)
+        return loss
 
     zc = z.clone().requires_grad_()
     torch.compile(loss_fn, fullgraph=True, backend=backend)(zc).backward()
@@ -357,11 +362,9 @@ def test_meta_device_calls():
     mixed, lam = ops.mix_batch(images, torch.empty(4, device=m), *draws)
     assert mixed.is_meta and lam.dtype == torch.float32
     z = torch.empty(4, 21841, dtype=torch.bfloat16, device=m)
-    ce, lse = ops.soft_target_ce(z, torch.empty(4, **i64), torch.empty(4, **i64), torch.empty(4, device=m), 0.1)
-    assert ce.shape == lse.shape == (4,) and ce.dtype == torch.float32
-    grad = ops.soft_target_ce_backward(ce, z, lse, torch.empty(4, **i64), torch.empty(4, **i64),
-                                       torch.empty(4, device=m), 0.1)
-    assert grad.shape == z.shape and grad.dtype == z.dtype
+    loss, grad = ops.soft_target_ce(z, torch.empty(4, **i64), torch.empty(4, **i64), torch.empty(4, device=m),
+                                    None, 0.1, True)
+    assert loss.shape == () and grad.shape == z.shape and loss.dtype == grad.dtype == torch.float32
     assert ops.ema_update_([torch.empty(3, device=m)], [torch.empty(3, dtype=torch.bfloat16, device=m)], 0.9) is None
 
 
@@ -401,7 +404,7 @@ def test_kernels_compile_for_sm90_without_a_gpu():
     ptx = json.loads(proc.stdout)
     if "skipped" in ptx:
         pytest.skip(ptx["skipped"])
-    for kernel in ("ema_fp32_bf16", "mixup_bf16_224", "pseudo_label_bf16", "soft_ce_fwd_fp32", "soft_ce_bwd_bf16"):
+    for kernel in ("ema_fp32_bf16", "mixup_bf16_224", "pseudo_label_bf16", "soft_ce_fwd_fp32", "soft_ce_grad_bf16"):
         assert ptx[kernel].get("ld.global.v4.b32", 0) >= 1, (kernel, ptx[kernel])
     assert ptx["ema_fp32_bf16"].get("st.global.v4.b32", 0) >= 1
     assert ptx["mixup_bf16_224"].get("sqrt.rn.f64") == 1 and ptx["mixup_bf16_224"].get("div.rn.f32") == 1

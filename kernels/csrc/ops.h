@@ -3,6 +3,7 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
 #include <tuple>
 
 namespace semivit_native {
@@ -20,12 +21,10 @@ std::tuple<at::Tensor, at::Tensor> mix_batch(const at::Tensor& images, const at:
                                              const at::Tensor& use_cutmix, const at::Tensor& cy,
                                              const at::Tensor& cx, const at::Tensor& partner);
 
+// loss = masked mean soft-target CE (0-d); grad = d loss / d logits (B, C) when with_grad, else (0,).
 std::tuple<at::Tensor, at::Tensor> soft_target_ce(const at::Tensor& logits, const at::Tensor& label_a,
                                                   const at::Tensor& label_b, const at::Tensor& lam,
-                                                  double smoothing);
-
-at::Tensor soft_target_ce_backward(const at::Tensor& grad_ce, const at::Tensor& logits, const at::Tensor& lse,
-                                   const at::Tensor& label_a, const at::Tensor& label_b, const at::Tensor& lam,
-                                   double smoothing);
+                                                  const std::optional<at::Tensor>& mask, double smoothing,
+                                                  bool with_grad);
 
 }  // namespace semivit_native

@@ -13,11 +13,8 @@ TORCH_LIBRARY(semivit_native, m) {
       "mix_batch(Tensor images, Tensor lam, Tensor use_cutmix, Tensor cy, Tensor cx, Tensor partner) "
       "-> (Tensor mixed, Tensor lam)");
   m.def(
-      "soft_target_ce(Tensor logits, Tensor label_a, Tensor label_b, Tensor lam, float smoothing) "
-      "-> (Tensor ce, Tensor lse)");
-  m.def(
-      "soft_target_ce_backward(Tensor grad_ce, Tensor logits, Tensor lse, Tensor label_a, Tensor label_b, "
-      "Tensor lam, float smoothing) -> Tensor");
+      "soft_target_ce(Tensor logits, Tensor label_a, Tensor label_b, Tensor lam, Tensor? mask, float smoothing, "
+      "bool with_grad) -> (Tensor loss, Tensor grad)");
 }
 
 TORCH_LIBRARY_IMPL(semivit_native, CPU, m) {
@@ -26,5 +23,4 @@ TORCH_LIBRARY_IMPL(semivit_native, CPU, m) {
   m.impl("pseudo_mixup", &semivit_native::pseudo_mixup);
   m.impl("mix_batch", &semivit_native::mix_batch);
   m.impl("soft_target_ce", &semivit_native::soft_target_ce);
-  m.impl("soft_target_ce_backward", &semivit_native::soft_target_ce_backward);
 }

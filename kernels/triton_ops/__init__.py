@@ -10,8 +10,7 @@ is how the tests run them on a machine without a GPU.
     load() -> bool        imports the op modules (registering the ops) when available(); idempotent
 
 Ops (schemas in docs/kernels.md): ``semivit_triton::ema_update_``, ``pseudo_label``,
-``pseudo_mixup``, ``mix_batch``, ``soft_target_ce`` (autograd registered),
-``soft_target_ce_backward``.
+``pseudo_mixup``, ``mix_batch``, ``soft_target_ce`` (autograd registered).
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ import os
 
 __all__ = ["OPS", "available", "interpreted", "load", "status"]
 
-OPS = ("ema_update_", "pseudo_label", "pseudo_mixup", "mix_batch", "soft_target_ce", "soft_target_ce_backward")
+OPS = ("ema_update_", "pseudo_label", "pseudo_mixup", "mix_batch", "soft_target_ce")
 _MODULES = ("ema", "pseudo_label", "pseudo_mixup", "soft_target_ce")
 _loaded = False
 

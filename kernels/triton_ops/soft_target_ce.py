@@ -1,27 +1,26 @@
-"""``semivit_triton::soft_target_ce`` (+ its backward): soft-target cross-entropy, closed form.
+"""``semivit_triton::soft_target_ce``: the masked mean soft-target cross-entropy, closed form, and its gradient.
 
-    soft_target_ce(Tensor logits, Tensor label_a, Tensor label_b, Tensor lam, float smoothing)
-        -> (Tensor ce, Tensor lse)
-    soft_target_ce_backward(Tensor grad_ce, Tensor logits, Tensor lse, Tensor label_a, Tensor label_b,
-                            Tensor lam, float smoothing) -> Tensor
+    soft_target_ce(Tensor logits, Tensor label_a, Tensor label_b, Tensor lam, Tensor? mask, float smoothing,
+                   bool with_grad) -> (Tensor loss, Tensor grad)
 
     lse_i = log sum_c exp(z_ic)
     ce_i  = lse_i - (1 - s)(lam_i z_{i,a_i} + (1 - lam_i) z_{i,b_i}) - (s / C) sum_c z_ic
-    grad_z_ic = grad_ce_i (exp(z_ic - lse_i) - s / C - (1 - s)(lam_i [c = a_i] + (1 - lam_i) [c = b_i]))
+    loss  = (1 / B) sum_i mask_i ce_i                                  (0-d float32)
+    grad_ic = d loss / d z_ic = (mask_i / B)(exp(z_ic - lse_i) - s / C - (1 - s)(lam_i [c = a_i] + (1 - lam_i) [c = b_i]))
+              ((B, C) float32 when with_grad, else shape (0,))
 
-Forward: one program per row, tiles of BLOCK_C over C with a per-lane online max / sum of exp and a
-running sum of z; the two label logits are loaded directly. Backward: every element is independent
-given lse, so the grid is (row, tile of C) (more parallel than one program per row when B is small:
-80 rows of 21841 classes), one pass writing the gradient in the logits' dtype. The (B, C) soft target is never built.
+One program per row: tiles of BLOCK_C over C with a per-lane online max / sum of exp and a running sum
+of z; the two label logits are loaded directly; with the gradient, a second sweep over the row (hot in
+L2) writes it. The per-row masked CE is summed by torch in row order (deterministic). The (B, C) soft
+target is never built.
 
-Autograd: ``register_autograd`` makes ``soft_target_ce_backward`` the backward of ``soft_target_ce``
-(gradient for ``logits`` only; ``lse`` is marked non-differentiable: it is saved for the backward).
-Both are ``triton_op``s, so ``torch.compile(fullgraph=True)`` traces forward and backward.
+Autograd: ``register_autograd``; the backward is the saved gradient times the upstream gradient,
+rounded once to the logits' dtype (``grad`` is marked non-differentiable). A ``triton_op``, so
+``torch.compile(fullgraph=True)`` traces forward and backward.
 
-Dtypes: logits float32 / bf16 / fp16, computed in float32; outputs ce, lse float32. float64 logits
-are rejected with a ValueError (the contract wants float64 math; the kernel's scalar ``smoothing`` is
-float32): route float64 to another backend. label_a, label_b int64 (B,), lam float32 (B,),
-grad_ce float32 (B,).
+Dtypes: logits float32 / bf16 / fp16, computed in float32. float64 logits are rejected with a
+ValueError (the contract wants float64 math; the kernel's scalar ``smoothing`` is float32): route
+float64 to another backend. label_a, label_b int64 (B,), lam float32 (B,), mask float32 (B,) or None.
 """
 
 from __future__ import annotations
@@ -32,18 +31,17 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op, wrap_triton
 
-__all__ = ["CONFIG", "soft_target_ce", "soft_target_ce_backward"]
+__all__ = ["CONFIG", "soft_target_ce"]
 
-# forward: (BLOCK_C, num_warps) for C <= large_c and for larger C (one program per row: few rows of a
-# large C want wide programs); backward: grid (B, cdiv(C, bwd_block_c)). The GPU bench sweeps these.
-CONFIG = {"block_c": 1024, "num_warps": 4, "large_c": 4096, "block_c_large": 4096, "num_warps_large": 8,
-          "bwd_block_c": 2048, "bwd_num_warps": 4}
+# (BLOCK_C, num_warps) for C <= large_c and for larger C (one program per row: few rows of a large C
+# want wide programs). The GPU bench sweeps these.
+CONFIG = {"block_c": 1024, "num_warps": 4, "large_c": 4096, "block_c_large": 4096, "num_warps_large": 8}
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
-def _soft_ce_fwd_kernel(z_ptr, a_ptr, b_ptr, lam_ptr, ce_ptr, lse_ptr, C, smoothing, uniform,
-                        BLOCK_C: tl.constexpr):
+def _soft_ce_kernel(z_ptr, a_ptr, b_ptr, lam_ptr, mask_ptr, wce_ptr, grad_ptr, C, inv_b, smoothing, uniform,
+                    HAS_MASK: tl.constexpr, WITH_GRAD: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0)
     base = z_ptr + row.to(tl.int64) * C
     lanes = tl.arange(0, BLOCK_C)
@@ -61,115 +59,84 @@ def _soft_ce_fwd_kernel(z_ptr, a_ptr, b_ptr, lam_ptr, ce_ptr, lse_ptr, C, smooth
         zsum += tl.where(valid, z, 0.0)
     zmax = tl.max(m, axis=0)
     lse = zmax + tl.log(tl.sum(s * tl.exp(m - zmax), axis=0))
-    za = tl.load(base + tl.load(a_ptr + row)).to(tl.float32)
-    zb = tl.load(base + tl.load(b_ptr + row)).to(tl.float32)
+    a = tl.load(a_ptr + row)
+    b = tl.load(b_ptr + row)
+    za = tl.load(base + a).to(tl.float32)
+    zb = tl.load(base + b).to(tl.float32)
     lam = tl.load(lam_ptr + row)
     # uniform = s / C, computed on the host (float64, rounded once to float32)
     ce = lse - (1.0 - smoothing) * (lam * za + (1.0 - lam) * zb) - uniform * tl.sum(zsum, axis=0)
-    tl.store(ce_ptr + row, ce)
-    tl.store(lse_ptr + row, lse)
+    weight = tl.load(mask_ptr + row) if HAS_MASK else 1.0
+    tl.store(wce_ptr + row, weight * ce)
+    if WITH_GRAD:
+        f = weight * inv_b  # d loss / d ce_i
+        wa = (1.0 - smoothing) * lam
+        wb = (1.0 - smoothing) * (1.0 - lam)
+        out = grad_ptr + row.to(tl.int64) * C
+        for c0 in tl.range(0, C, BLOCK_C):
+            cols = c0 + lanes
+            valid = cols < C
+            z = tl.load(base + cols, mask=valid, other=0.0).to(tl.float32)
+            t = uniform + tl.where(cols == a, wa, 0.0) + tl.where(cols == b, wb, 0.0)  # the soft target
+            tl.store(out + cols, f * (tl.exp(z - lse) - t), mask=valid)
 
 
-@triton.jit
-def _soft_ce_bwd_kernel(g_ptr, z_ptr, lse_ptr, a_ptr, b_ptr, lam_ptr, out_ptr, C, smoothing, uniform,
-                        BLOCK_C: tl.constexpr):
-    row = tl.program_id(0)
-    cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    offset = row.to(tl.int64) * C
-    g = tl.load(g_ptr + row)
-    lse = tl.load(lse_ptr + row)
-    a = tl.load(a_ptr + row)
-    b = tl.load(b_ptr + row)
-    lam = tl.load(lam_ptr + row)
-    valid = cols < C
-    z = tl.load(z_ptr + offset + cols, mask=valid, other=0.0)
-    wa = (1.0 - smoothing) * lam
-    wb = (1.0 - smoothing) * (1.0 - lam)
-    t = uniform + tl.where(cols == a, wa, 0.0) + tl.where(cols == b, wb, 0.0)  # the soft target
-    grad = g * (tl.exp(z.to(tl.float32) - lse) - t)
-    tl.store(out_ptr + offset + cols, grad.to(z.dtype), mask=valid)
-
-
-def _check(logits: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor, name: str) -> None:
+def _check(logits: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor, mask: Tensor | None) -> None:
+    name = "soft_target_ce"
     if logits.dim() != 2:
         raise ValueError(f"logits must be (B, C), got shape {tuple(logits.shape)}")
     if logits.dtype not in _DTYPES:
         raise ValueError(f"triton {name}: logits must be float32/bf16/fp16 (float64 goes to another "
                          f"backend), got {logits.dtype}")
     B = logits.shape[0]
-    for arg, t, dtype in (("label_a", label_a, torch.int64), ("label_b", label_b, torch.int64),
-                          ("lam", lam, torch.float32)):
+    checked = [("label_a", label_a, torch.int64), ("label_b", label_b, torch.int64), ("lam", lam, torch.float32)]
+    for arg, t, dtype in checked + ([] if mask is None else [("mask", mask, torch.float32)]):
         if t.shape != (B,) or t.dtype != dtype:
             raise ValueError(f"triton {name}: {arg} must be ({B},) {dtype}, got {tuple(t.shape)} {t.dtype}")
 
 
 @triton_op("semivit_triton::soft_target_ce", mutates_args=(),
-           schema="(Tensor logits, Tensor label_a, Tensor label_b, Tensor lam, float smoothing) "
-                  "-> (Tensor ce, Tensor lse)")
-def soft_target_ce(logits: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor,
-                   smoothing: float) -> tuple[Tensor, Tensor]:
-    _check(logits, label_a, label_b, lam, "soft_target_ce")
+           schema="(Tensor logits, Tensor label_a, Tensor label_b, Tensor lam, Tensor? mask, float smoothing, "
+                  "bool with_grad) -> (Tensor loss, Tensor grad)")
+def soft_target_ce(logits: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor, mask: Tensor | None,
+                   smoothing: float, with_grad: bool) -> tuple[Tensor, Tensor]:
+    _check(logits, label_a, label_b, lam, mask)
     logits = logits.contiguous()
     B, C = logits.shape
-    ce = torch.empty(B, dtype=torch.float32, device=logits.device)
-    lse = torch.empty(B, dtype=torch.float32, device=logits.device)
+    wce = torch.empty(B, dtype=torch.float32, device=logits.device)  # mask_i ce_i
+    grad = torch.empty((B, C) if with_grad else (0,), dtype=torch.float32, device=logits.device)
     if B:
         large = C > CONFIG["large_c"]
         block_c = min(CONFIG["block_c_large" if large else "block_c"], triton.next_power_of_2(max(C, 16)))
-        wrap_triton(_soft_ce_fwd_kernel)[(B,)](logits, label_a.contiguous(), label_b.contiguous(),
-                                               lam.contiguous(), ce, lse, C, smoothing, smoothing / C,
-                                               BLOCK_C=block_c,
-                                               num_warps=CONFIG["num_warps_large" if large else "num_warps"])
-    return ce, lse
-
-
-@triton_op("semivit_triton::soft_target_ce_backward", mutates_args=(),
-           schema="(Tensor grad_ce, Tensor logits, Tensor lse, Tensor label_a, Tensor label_b, Tensor lam, "
-                  "float smoothing) -> Tensor")
-def soft_target_ce_backward(grad_ce: Tensor, logits: Tensor, lse: Tensor, label_a: Tensor, label_b: Tensor,
-                            lam: Tensor, smoothing: float) -> Tensor:
-    _check(logits, label_a, label_b, lam, "soft_target_ce_backward")
-    logits = logits.contiguous()
-    B, C = logits.shape
-    grad = torch.empty_like(logits)
-    if B and C:
-        block_c = min(CONFIG["bwd_block_c"], triton.next_power_of_2(max(C, 16)))
-        grid = (B, triton.cdiv(C, block_c))
-        wrap_triton(_soft_ce_bwd_kernel)[grid](grad_ce.float().contiguous(), logits, lse.float().contiguous(),
-                                               label_a.contiguous(), label_b.contiguous(), lam.contiguous(),
-                                               grad, C, smoothing, smoothing / C, BLOCK_C=block_c,
-                                               num_warps=CONFIG["bwd_num_warps"])
-    return grad
+        wrap_triton(_soft_ce_kernel)[(B,)](
+            logits, label_a.contiguous(), label_b.contiguous(), lam.contiguous(),
+            wce if mask is None else mask.contiguous(), wce, grad, C, 1.0 / B, smoothing, smoothing / C,
+            HAS_MASK=mask is not None, WITH_GRAD=with_grad, BLOCK_C=block_c,
+            num_warps=CONFIG["num_warps_large" if large else "num_warps"])
+    return wce.sum() / B, grad
 
 
 @soft_target_ce.register_fake
-def _(logits, label_a, label_b, lam, smoothing):
-    _check(logits, label_a, label_b, lam, "soft_target_ce")
-    B = logits.shape[0]
-    return logits.new_empty(B, dtype=torch.float32), logits.new_empty(B, dtype=torch.float32)
-
-
-@soft_target_ce_backward.register_fake
-def _(grad_ce, logits, lse, label_a, label_b, lam, smoothing):
-    _check(logits, label_a, label_b, lam, "soft_target_ce_backward")
-    return torch.empty_like(logits, memory_format=torch.contiguous_format)
+def _(logits, label_a, label_b, lam, mask, smoothing, with_grad):
+    _check(logits, label_a, label_b, lam, mask)
+    return (logits.new_empty((), dtype=torch.float32),
+            logits.new_empty(tuple(logits.shape) if with_grad else (0,), dtype=torch.float32))
 
 
 def _setup_context(ctx, inputs, output) -> None:
-    logits, label_a, label_b, lam, smoothing = inputs
-    _, lse = output
-    ctx.mark_non_differentiable(lse)
-    ctx.save_for_backward(logits, lse, label_a, label_b, lam)
-    ctx.smoothing = smoothing
+    logits, *_, with_grad = inputs
+    _, grad = output
+    if ctx.needs_input_grad[0] and not with_grad:
+        raise RuntimeError("semivit_triton::soft_target_ce: the logits require a gradient; call it with "
+                           "with_grad=True")
+    ctx.mark_non_differentiable(grad)
+    ctx.save_for_backward(grad)
+    ctx.logits_dtype = logits.dtype
 
 
-def _backward(ctx, grad_ce: Tensor, grad_lse: Tensor | None):
-    logits, lse, label_a, label_b, lam = ctx.saved_tensors
-    grad = None
-    if ctx.needs_input_grad[0]:
-        grad = torch.ops.semivit_triton.soft_target_ce_backward(grad_ce, logits, lse, label_a, label_b, lam,
-                                                                ctx.smoothing)
-    return grad, None, None, None, None
+def _backward(ctx, grad_loss: Tensor, _grad_grad: Tensor | None):
+    (grad,) = ctx.saved_tensors
+    return (grad * grad_loss).to(ctx.logits_dtype), None, None, None, None, None, None
 
 
 soft_target_ce.register_autograd(_backward, setup_context=_setup_context)
