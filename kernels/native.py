@@ -111,6 +111,18 @@ def _register_python_parts() -> None:
         torch._check(images.dim() == 4, lambda: "images must be (B, C, H, W)")
         return torch.empty_like(images, memory_format=torch.contiguous_format), torch.empty_like(lam)
 
+    @torch.library.register_fake(ns + "pseudo_mixup_")
+    def _(images: Tensor, prob: Tensor, use_cutmix: Tensor, cy: Tensor, cx: Tensor, partner: Tensor,
+          threshold: float) -> tuple[Tensor, Tensor]:
+        torch._check(images.dim() == 4, lambda: "images must be (B, C, H, W)")
+        b = images.shape[0]
+        return images.new_empty(b, dtype=torch.float32), images.new_empty(b, dtype=torch.float32)
+
+    @torch.library.register_fake(ns + "mix_batch_")
+    def _(images: Tensor, lam: Tensor, use_cutmix: Tensor, cy: Tensor, cx: Tensor, partner: Tensor) -> Tensor:
+        torch._check(images.dim() == 4, lambda: "images must be (B, C, H, W)")
+        return torch.empty_like(lam)
+
     @torch.library.register_fake(ns + "soft_target_ce")
     def _(logits: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor, mask: Tensor | None, smoothing: float,
           with_grad: bool) -> tuple[Tensor, Tensor]:

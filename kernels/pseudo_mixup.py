@@ -175,8 +175,10 @@ def mix_batch(
     cx: Tensor,
     partner_index: Tensor | None = None,
     backend: str | None = None,
+    donate: bool = False,
 ) -> tuple[Tensor, Tensor]:
-    """Mix every sample with its partner, vectorised: no loop, no host sync, input untouched.
+    """Mix every sample with its partner, vectorised: no loop, no host sync; the input is untouched
+    unless ``donate`` (see ``pseudo_mixup``).
 
     images (B, C, H, W); lam, use_cutmix, cy, cx (B,); partner_index (B,) int64 or None for flip(0).
     Mixup samples: out = lam x + (1 - lam) x_partner. Cutmix samples: a box of side ratio
@@ -190,9 +192,11 @@ def mix_batch(
     if impl in ("triton", "native"):
         if partner_index is None:
             partner_index = torch.arange(B - 1, -1, -1, device=dev)  # flip(0)
-        return dispatch.op(impl, "mix_batch")(
-            images.contiguous(), lam.float().expand(B).contiguous(), use_cutmix.expand(B).contiguous(),
-            cy.expand(B).contiguous(), cx.expand(B).contiguous(), partner_index.contiguous())
+        args = (lam.float().expand(B).contiguous(), use_cutmix.expand(B).contiguous(), cy.expand(B).contiguous(),
+                cx.expand(B).contiguous(), partner_index.contiguous())
+        if _mix_in_place(donate, impl, images):
+            return images, dispatch.op(impl, "mix_batch_")(images, *args)
+        return dispatch.op(impl, "mix_batch")(images.contiguous(), *args)
     lam = lam.float()  # (B,)
     # box bounds, in float64 like the reference's Python arithmetic (B numbers: negligible)
     r = (1.0 - lam.double()).clamp_min(0.0).sqrt()  # (B,) cut ratio
@@ -225,6 +229,13 @@ def mix_batch(
     return out, torch.where(use_cutmix, lam_box, lam)
 
 
+def _mix_in_place(donate: bool, impl: str, images: Tensor) -> bool:
+    """Whether a donated batch is mixed over itself: the native CPU ops do (no new tensor to allocate
+    and page-fault, each image read once and written once); Triton and torch allocate their output,
+    since on a GPU the caching allocator hands the same block back every step anyway."""
+    return donate and impl == "native" and images.is_contiguous()
+
+
 # -------------------------------------------------------------------------------------- public
 
 
@@ -238,6 +249,7 @@ def pseudo_mixup(
     generator: torch.Generator | None = None,
     draws: MixDraws | None = None,
     backend: str | None = None,
+    donate: bool = False,
 ) -> MixedBatch:
     """Probabilistic pseudo mixup of the strong views. images (B, C, H, W) float32 or bf16,
     prob (B,) teacher max probability, label (B,) teacher argmax; B must be even.
@@ -245,6 +257,10 @@ def pseudo_mixup(
     Random draws (including the partner permutation) come from ``draw_mix_randomness`` with
     ``generator`` (on the images' device) unless ``draws`` is given.
     ``backend``: see ``kernels.dispatch`` (None = the process default, ``run.kernels``).
+    ``donate=True`` hands ``images`` over to the op, as the original code (and timm) mixed in place:
+    the native CPU op writes the mixed batch over it (MixedBatch.images is then ``images`` itself),
+    the other backends return a new tensor. Either way the caller must not use ``images`` afterwards;
+    the engine donates its strong views, which nothing else reads.
     Returns MixedBatch(images, label_a=label, label_b=label[partner], lam, mask).
     """
     _check_pseudo(images, prob, label)
@@ -257,9 +273,12 @@ def pseudo_mixup(
     _check_draws(draws, B)
     partner = draws.partner  # (B,)
     if impl != "torch":  # lam, the box, its correction and the mask are computed in the kernel
-        out, lam, mask = dispatch.op(impl, "pseudo_mixup")(
-            images.contiguous(), prob.float().contiguous(), draws.use_cutmix.contiguous(), draws.cy.contiguous(),
-            draws.cx.contiguous(), partner.contiguous(), threshold)
+        args = (prob.float().contiguous(), draws.use_cutmix.contiguous(), draws.cy.contiguous(),
+                draws.cx.contiguous(), partner.contiguous(), threshold)
+        if _mix_in_place(donate, impl, images):
+            lam, mask = dispatch.op(impl, "pseudo_mixup_")(images, *args)
+            return MixedBatch(images, label, label[partner], lam, mask)
+        out, lam, mask = dispatch.op(impl, "pseudo_mixup")(images.contiguous(), *args)
         return MixedBatch(out, label, label[partner], lam, mask)
     p = prob.float()  # (B,)
     p_partner = p[partner]  # (B,)
@@ -285,12 +304,14 @@ def labelled_mixup(
     switch_prob: float = 0.5,
     generator: torch.Generator | None = None,
     backend: str | None = None,
+    donate: bool = False,
 ) -> MixedBatch:
     """timm ``Mixup`` in "batch" mode: one lam for the whole batch, partner = flip(0).
 
     With both alphas > 0: cutmix (lam ~ Beta(cutmix_alpha)) with probability ``switch_prob``, else
     mixup (lam ~ Beta(mixup_alpha)); an alpha of 0 disables that mode; both 0 returns the batch
     unchanged (the same tensor) with lam = 1. Cutmix lam is corrected to the clipped box.
+    ``donate``: as for ``pseudo_mixup`` (timm mixes in place too).
     Returns MixedBatch(images, labels, labels.flip(0), lam (B,), mask of ones).
     """
     B, _, H, W = images.shape
@@ -307,5 +328,6 @@ def labelled_mixup(
     lam = torch.where(use_cutmix, lam_cut, lam_mix)  # ()
     cy = torch.randint(0, H, (), device=dev, generator=generator)
     cx = torch.randint(0, W, (), device=dev, generator=generator)
-    out, lam_b = mix_batch(images, lam.expand(B), use_cutmix.expand(B), cy.expand(B), cx.expand(B), backend=backend)
+    out, lam_b = mix_batch(images, lam.expand(B), use_cutmix.expand(B), cy.expand(B), cx.expand(B), backend=backend,
+                           donate=donate)
     return MixedBatch(out, labels, labels.flip(0), lam_b, ones)

@@ -239,6 +239,23 @@ def test_pseudo_mixup_matches_reference(seed, dtype, B):
     assert torch.equal(out.mask, ref.mask)
 
 
+@pytest.mark.parametrize("B", [6, 80])
+def test_donated_batch_gives_the_same_mix(B, kernels_backend):
+    """donate=True: the same mixed batch, lam and mask as without it; the native op writes it over the
+    donated images (no new tensor), the others leave them alone and return a new one."""
+    images, prob, label = _mix_inputs(B=B, H=9, W=11, seed=B)
+    draws = draw_mix_randomness(B, 9, 11, 0.5, "cpu", _gen(7))
+    kept = pseudo_mixup(images, prob, label, 0.6, draws=draws)
+    donated = images.clone()
+    got = pseudo_mixup(donated, prob, label, 0.6, draws=draws, donate=True)
+    assert torch.equal(got.images, kept.images) and torch.equal(got.lam, kept.lam) and torch.equal(got.mask, kept.mask)
+    assert (got.images is donated) == (kernels_backend == "native")
+    for seed in range(4):  # labelled mixup (flip(0) pairs: 2-cycles), mixup and cutmix draws
+        kept = labelled_mixup(images, label, generator=_gen(seed))
+        got = labelled_mixup(images.clone(), label, generator=_gen(seed), donate=True)
+        assert torch.equal(got.images, kept.images) and torch.equal(got.lam, kept.lam)
+
+
 def test_pseudo_mixup_float64_keeps_precision(kernels_backend):
     if not _runs_float64(kernels_backend):
         return

@@ -255,6 +255,52 @@ def test_mix_batch(ops, dtype):
         _check_mixed(out, ref, args[1], dtype)
 
 
+def _permutations(B: int, g: torch.Generator) -> dict[str, torch.Tensor]:
+    """Partner permutations with every cycle structure the in-place ops walk: one B-cycle (the
+    engine's draws), 2-cycles (flip(0)), fixed points, a mixture, a random permutation."""
+    swap_and_fixed = torch.arange(B)
+    swap_and_fixed[:2] = torch.tensor([1, 0])
+    return {"cycle": random_derangement(B, "cpu", g), "flip": torch.arange(B - 1, -1, -1),
+            "identity": torch.arange(B), "swap_and_fixed": swap_and_fixed, "random": torch.randperm(B, generator=g)}
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize(("B", "C", "H", "W", "dtype"), [(2, 3, 5, 7, torch.float32), (6, 3, 61, 67, torch.float32),
+                                                          (8, 3, 64, 64, torch.bfloat16), (80, 3, 16, 16, torch.float32),
+                                                          (7, 1, 200, 200, torch.float16)])
+def test_inplace_ops_match_the_new_tensor_ops(ops, threads, B, C, H, W, dtype):
+    """pseudo_mixup_ / mix_batch_ write over the images exactly what pseudo_mixup / mix_batch return,
+    for any permutation and any split of the cycles between threads (the images are large enough here
+    to be split; the originals each thread needs are copied aside first)."""
+    g = _gen(B * 100 + threads)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for name, partner in _permutations(B, g).items():
+            images = torch.randn(B, C, H, W, generator=g).to(dtype)
+            prob, lam = torch.rand(B, generator=g), torch.rand(B, generator=g)
+            d = _draws(B, H, W, seed=B + threads)
+            rest = (d.use_cutmix, d.cy, d.cx, partner)
+            out, lam_out, mask = ops.pseudo_mixup(images, prob, *rest, 0.5)
+            x = images.clone()
+            lam_in, mask_in = ops.pseudo_mixup_(x, prob, *rest, 0.5)
+            assert torch.equal(x, out) and torch.equal(lam_in, lam_out) and torch.equal(mask_in, mask), name
+            out, lam_out = ops.mix_batch(images, lam, *rest)
+            x = images.clone()
+            assert torch.equal(ops.mix_batch_(x, lam, *rest), lam_out) and torch.equal(x, out), name
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_inplace_ops_need_a_permutation(ops):
+    images = torch.zeros(4, 1, 2, 2)
+    rest = (torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(RuntimeError, match="partner must be a permutation of 0..3 \\(1 appears twice\\)"):
+        ops.pseudo_mixup_(images, torch.rand(4), *rest, torch.tensor([1, 1, 2, 3]), 0.5)
+    with pytest.raises(RuntimeError, match="must be contiguous"):
+        ops.mix_batch_(torch.zeros(4, 1, 2, 4)[..., ::2], torch.rand(4), *rest, torch.arange(4))
+
+
 def test_mix_errors(ops):
     B, H, W = 2, 5, 6
     images = torch.zeros(B, 1, H, W)
@@ -392,6 +438,8 @@ def _op_samples():
         ("pseudo_label", (torch.randn(B, 7, generator=g), 0.3)),
         ("pseudo_mixup", (images, torch.rand(B, generator=g), *draws, 0.5)),
         ("mix_batch", (images, torch.rand(B, generator=g), *draws)),
+        ("pseudo_mixup_", (images.clone(), torch.rand(B, generator=g), *draws, 0.5)),
+        ("mix_batch_", (images.clone(), torch.rand(B, generator=g), *draws)),
         ("soft_target_ce", (logits.clone().requires_grad_(), label_a, label_b, lam, torch.rand(B, generator=g), 0.1,
                             True)),
     ]
@@ -414,6 +462,9 @@ def test_meta_device(ops):
     assert out.shape == images.shape and out.dtype == torch.bfloat16 and lam.shape == mask.shape == (B,)
     out, lam = ops.mix_batch(images, torch.empty(B, device=m), *draws)
     assert out.shape == images.shape and lam.dtype == torch.float32
+    lam, mask = ops.pseudo_mixup_(images, torch.empty(B, device=m), *draws, 0.5)
+    assert lam.is_meta and lam.shape == mask.shape == (B,)
+    assert ops.mix_batch_(images, torch.empty(B, device=m), *draws).shape == (B,)
     z = torch.empty(B, 10, device=m, dtype=torch.float64, requires_grad=True)
     labels = torch.zeros(B, dtype=torch.long, device=m)
     loss, grad = ops.soft_target_ce(z, labels, labels, torch.empty(B, device=m), None, 0.1, True)

@@ -51,7 +51,9 @@ class SemiStage:
             prob, y_hat, mask = pseudo_label(teacher_logits, semi.threshold)  # (muB,) each
         with phase("pseudo_mixup"):
             if semi.pseudo_mixup:
-                mixed_u = pseudo_mixup(u_strong, prob, y_hat, semi.threshold, cutmix_prob=semi.cutmix_prob)
+                # the strong views are donated: mixed in place where the kernel can (nothing else reads them)
+                mixed_u = pseudo_mixup(u_strong, prob, y_hat, semi.threshold, cutmix_prob=semi.cutmix_prob,
+                                       donate=True)
             else:  # hard pseudo labels (lam 1 on y_hat)
                 mixed_u = MixedBatch(u_strong, y_hat, y_hat, torch.ones_like(prob), mask)
         return x, y, mixed_u, (mask, y_hat, u_true)

@@ -17,6 +17,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> pseudo_mixup(const at::Tensor& im
                                                             const at::Tensor& cx, const at::Tensor& partner,
                                                             double threshold);
 
+// In place: the mixed batch is written over `images` (every backend's contract: docs/kernels.md).
+std::tuple<at::Tensor, at::Tensor> pseudo_mixup_(at::Tensor& images, const at::Tensor& prob,
+                                                 const at::Tensor& use_cutmix, const at::Tensor& cy,
+                                                 const at::Tensor& cx, const at::Tensor& partner, double threshold);
+
+at::Tensor mix_batch_(at::Tensor& images, const at::Tensor& lam, const at::Tensor& use_cutmix, const at::Tensor& cy,
+                      const at::Tensor& cx, const at::Tensor& partner);
+
 std::tuple<at::Tensor, at::Tensor> mix_batch(const at::Tensor& images, const at::Tensor& lam,
                                              const at::Tensor& use_cutmix, const at::Tensor& cy,
                                              const at::Tensor& cx, const at::Tensor& partner);

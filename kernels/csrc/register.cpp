@@ -13,6 +13,12 @@ TORCH_LIBRARY(semivit_native, m) {
       "mix_batch(Tensor images, Tensor lam, Tensor use_cutmix, Tensor cy, Tensor cx, Tensor partner) "
       "-> (Tensor mixed, Tensor lam)");
   m.def(
+      "pseudo_mixup_(Tensor(a!) images, Tensor prob, Tensor use_cutmix, Tensor cy, Tensor cx, Tensor partner, "
+      "float threshold) -> (Tensor lam, Tensor mask)");
+  m.def(
+      "mix_batch_(Tensor(a!) images, Tensor lam, Tensor use_cutmix, Tensor cy, Tensor cx, Tensor partner) "
+      "-> Tensor lam");
+  m.def(
       "soft_target_ce(Tensor logits, Tensor label_a, Tensor label_b, Tensor lam, Tensor? mask, float smoothing, "
       "bool with_grad) -> (Tensor loss, Tensor grad)");
 }
@@ -22,5 +28,7 @@ TORCH_LIBRARY_IMPL(semivit_native, CPU, m) {
   m.impl("pseudo_label", &semivit_native::pseudo_label);
   m.impl("pseudo_mixup", &semivit_native::pseudo_mixup);
   m.impl("mix_batch", &semivit_native::mix_batch);
+  m.impl("pseudo_mixup_", &semivit_native::pseudo_mixup_);
+  m.impl("mix_batch_", &semivit_native::mix_batch_);
   m.impl("soft_target_ce", &semivit_native::soft_target_ce);
 }
