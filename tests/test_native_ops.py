@@ -292,6 +292,27 @@ def test_inplace_ops_match_the_new_tensor_ops(ops, threads, B, C, H, W, dtype):
         torch.set_num_threads(before)
 
 
+def test_inplace_ops_when_openmp_gives_fewer_threads_than_asked():
+    """OMP_THREAD_LIMIT=1 with torch set to 3 threads: the op plans 3 shares, the team has 1 thread,
+    which must then visit every share (a share left unvisited would leave images unmixed)."""
+    script = (
+        "import torch, kernels.native\n"
+        "assert kernels.native.load()\n"
+        "torch.set_num_threads(3)\n"
+        "from kernels.pseudo_mixup import draw_mix_randomness\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "images, prob = torch.randn(12, 3, 64, 64, generator=g), torch.rand(12, generator=g)\n"
+        "d = draw_mix_randomness(12, 64, 64, 0.5, 'cpu', g)\n"
+        "out, _, _ = torch.ops.semivit_native.pseudo_mixup(images, prob, *d, 0.5)\n"
+        "torch.ops.semivit_native.pseudo_mixup_(images, prob, *d, 0.5)\n"
+        "assert torch.equal(images, out)\n"
+    )
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=native._REPO_ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+
+
 def test_inplace_ops_need_a_permutation(ops):
     images = torch.zeros(4, 1, 2, 2)
     rest = (torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))

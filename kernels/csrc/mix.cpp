@@ -150,24 +150,27 @@ void mix_inplace(T* img, const Mix* plan, const int64_t* partner, int64_t B, int
   std::unique_ptr<T[]> scratch(new T[static_cast<size_t>(nt) * N]);
 #pragma omp parallel num_threads(nt)
   {
-    const int t = omp_get_thread_num();
-    for (size_t s = t; s < kept_samples.size(); s += nt)
+    // the team may be smaller than asked for (OMP_DYNAMIC, thread limits): a thread then takes several shares
+    const int team = omp_get_num_threads(), t = omp_get_thread_num();
+    for (size_t s = t; s < kept_samples.size(); s += team)
       std::memcpy(kept.get() + s * N, img + kept_samples[s] * N, N * sizeof(T));
 #pragma omp barrier
-    T* mine = scratch.get() + static_cast<size_t>(t) * N;
-    for (int64_t k = share[t]; k < share[t + 1]; ++k) {
-      const int64_t i = cyc.order[k], j = partner[i];
-      const int64_t first = cyc.cycle_of[k];
-      if (k == first && slot[i] < 0 && cyc.cycle_end[k] - first > 1)
-        std::memcpy(mine, img + i * N, N * sizeof(T));  // a cycle inside this share: keep its first image
-      const T* par;
-      if (slot[j] >= 0)
-        par = kept.get() + slot[j] * N;
-      else if (j == cyc.order[first] && j != i)
-        par = mine;  // the end of a cycle inside this share
-      else
-        par = img + j * N;  // untouched yet (or the sample itself)
-      mix_image_inplace<T>(img + i * N, par, plan[i], CH, H, W);
+    for (int sh = t; sh < nt; sh += team) {
+      T* mine = scratch.get() + static_cast<size_t>(sh) * N;
+      for (int64_t k = share[sh]; k < share[sh + 1]; ++k) {
+        const int64_t i = cyc.order[k], j = partner[i];
+        const int64_t first = cyc.cycle_of[k];
+        if (k == first && slot[i] < 0 && cyc.cycle_end[k] - first > 1)
+          std::memcpy(mine, img + i * N, N * sizeof(T));  // a cycle inside this share: keep its first image
+        const T* par;
+        if (slot[j] >= 0)
+          par = kept.get() + slot[j] * N;
+        else if (j == cyc.order[first] && j != i)
+          par = mine;  // the end of a cycle inside this share
+        else
+          par = img + j * N;  // untouched yet (or the sample itself)
+        mix_image_inplace<T>(img + i * N, par, plan[i], CH, H, W);
+      }
     }
   }
 }
