@@ -24,6 +24,7 @@ class Runtime:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    owns_process_group: bool = False  # setup_runtime created it (so shutdown destroys it)
 
     @property
     def is_main(self) -> bool:
@@ -46,6 +47,13 @@ class Runtime:
     def barrier(self) -> None:
         if self.distributed:
             dist.barrier()
+
+    def shutdown(self) -> None:
+        """Tear the process group down before the interpreter exits. Left to the exit handlers, gloo's
+        worker threads were destroyed while still running in some runs (a rank aborting with "terminate
+        called without an active exception" after its work was done, ~1 run in 20 on a loaded CPU)."""
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
 
     def main_only(self, write) -> None:
         """Run `write` (a checkpoint) on rank 0 and let every rank agree on whether it worked: a full disk
@@ -98,10 +106,12 @@ def setup_runtime(run: RunConfig, dist_cfg: DistConfig) -> Runtime:
     if run.threads:
         torch.set_num_threads(run.threads)
     select_kernels(run.kernels, device)
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
         backend = dist_cfg.backend if dist_cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
         dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
-    return Runtime(device=device, dtype=dtype, rank=rank, world_size=world, local_rank=local)
+    return Runtime(device=device, dtype=dtype, rank=rank, world_size=world, local_rank=local,
+                   owns_process_group=owns)
 
 
 def select_kernels(backend: str, device: torch.device) -> None:

@@ -20,28 +20,32 @@ def run_plan(plan: RunPlan, run_dir: Path) -> dict:
     preflight(plan)
     ckpt.check_writable(run_dir)  # every rank, before the process group: an unusable --out costs nothing
     rt = setup_runtime(plan.base.run, plan.base.dist)
-    if rt.is_main:
-        (run_dir / "config.toml").write_text(plan.to_toml())
-        print(run_header(plan.base, rt))
-        print(f"run folder: {run_dir}")
-    rt.barrier()
-    results: dict = {"stages": {}}
-    carry = None
-    for name, cfg in plan.stages.items():
-        summary, carry = run_stage(name, cfg, rt, run_dir, carry)
-        results["stages"][name] = summary
+    try:
         if rt.is_main:
-            scores = [f"{k} {summary[k]:.4g}" for k in ("top1", "teacher_top1", "recon_loss") if k in summary]
-            if scores:  # pseudo_label printed its own line
-                print(f"[{name}] " + ", ".join(scores))
-    results["wall_seconds"] = round(time.perf_counter() - t0, 2)
-    if rt.is_main:
-        export(plan, carry, run_dir)
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        write_report(run_dir, results)
-        print(comparison_table(results))
-        print(f"wall time {results['wall_seconds']:.1f} s; results in {run_dir}/results.json, report in {run_dir}/report.md")
-    return results
+            (run_dir / "config.toml").write_text(plan.to_toml())
+            print(run_header(plan.base, rt))
+            print(f"run folder: {run_dir}")
+        rt.barrier()
+        results: dict = {"stages": {}}
+        carry = None
+        for name, cfg in plan.stages.items():
+            summary, carry = run_stage(name, cfg, rt, run_dir, carry)
+            results["stages"][name] = summary
+            if rt.is_main:
+                scores = [f"{k} {summary[k]:.4g}" for k in ("top1", "teacher_top1", "recon_loss") if k in summary]
+                if scores:  # pseudo_label printed its own line
+                    print(f"[{name}] " + ", ".join(scores))
+        results["wall_seconds"] = round(time.perf_counter() - t0, 2)
+        if rt.is_main:
+            export(plan, carry, run_dir)
+            (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            write_report(run_dir, results)
+            print(comparison_table(results))
+            print(f"wall time {results['wall_seconds']:.1f} s; results in {run_dir}/results.json, report in {run_dir}/report.md")
+        rt.barrier()  # the other ranks wait for the main rank's files, then all leave the process group together
+        return results
+    finally:
+        rt.shutdown()
 
 
 def export(plan: RunPlan, carry: dict | None, run_dir: Path) -> None:

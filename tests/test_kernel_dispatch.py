@@ -242,8 +242,10 @@ def test_one_semi_step_gives_the_same_loss_and_teacher_with_torch_and_native():
         torch.testing.assert_close(teacher_n[key], teacher_t[key], rtol=1e-5, atol=1e-6, msg=key)
 
 
-def test_semi_loss_compiles_without_graph_breaks_on_the_native_ops():
-    """pseudo label -> pseudo mixup -> student -> soft CE, forward and backward, one graph (fullgraph)."""
+@pytest.mark.parametrize("donate", [False, True])
+def test_semi_loss_compiles_without_graph_breaks_on_the_native_ops(donate):
+    """pseudo label -> pseudo mixup -> student -> soft CE, forward and backward, one graph (fullgraph);
+    with a donated batch the in-place op is functionalised by the compiler and still writes the input."""
     require_backend("native")
     torch._dynamo.reset()
     head = torch.nn.Linear(3 * 8 * 8, 10)
@@ -251,16 +253,19 @@ def test_semi_loss_compiles_without_graph_breaks_on_the_native_ops():
     def semi_loss(teacher_logits, strong, use_cutmix, cy, cx, partner):
         prob, label, _ = pseudo_label(teacher_logits, 0.2)
         draws = kernels.MixDraws(use_cutmix, cy, cx, partner)
-        mixed = pseudo_mixup(strong, prob, label, 0.2, draws=draws)
+        mixed = pseudo_mixup(strong, prob, label, 0.2, draws=draws, donate=donate)
         logits = head(mixed.images.flatten(1))
         return soft_target_cross_entropy(logits, mixed.label_a, mixed.label_b, mixed.lam, mixed.mask)
 
     gen = torch.Generator().manual_seed(0)
-    args = (torch.randn(4, 10, generator=gen), torch.randn(4, 3, 8, 8, generator=gen))
+    logits, strong = torch.randn(4, 10, generator=gen), torch.randn(4, 3, 8, 8, generator=gen)
     draws = draw_mix_randomness(4, 8, 8, 0.5, "cpu", gen)
     compiled = torch.compile(semi_loss, fullgraph=True, backend="aot_eager")
-    loss = compiled(*args, *draws)
+    given = strong.clone()
+    loss = compiled(logits, given, *draws)
     loss.backward()
-    expected = semi_loss(*args, *draws)
+    eager = strong.clone()
+    expected = semi_loss(logits, eager, *draws)
     torch.testing.assert_close(loss, expected)
+    assert torch.equal(given, eager) and torch.equal(given, strong) != donate  # mixed in place iff donated
     assert head.weight.grad is not None and torch.isfinite(head.weight.grad).all()
