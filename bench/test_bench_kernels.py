@@ -229,13 +229,16 @@ def test_bench_pseudo_mixup(benchmark):
     """Targets (80 x 3 x 224 x 224 fp32): >= 5x the original, >= 3x today's torch version.
     "fused" is the engine's call: the strong views donated, which the native op mixes in place (each
     image read once and written once, nothing allocated); every baseline gets the same call.
-    "new_tensor" is the native op writing a new tensor (donate=False), for comparison."""
+    "new_tensor" is the native op writing a new tensor (donate=False), and "copy" a plain copy_ of the
+    batch into a preallocated tensor (the memory floor of reading and writing every image once), for
+    comparison."""
     g = torch.Generator().manual_seed(0)
     images = torch.randn(80, 3, 224, 224, generator=g)  # 48 MB
     prob = torch.rand(80, generator=g) * 0.6 + 0.4
     label = torch.randint(0, 1000, (80,), generator=g)
     scratch = images.clone()  # the original works in place
     donated = images.clone()  # mixed over and over: the values stay in range, the work is the same
+    copied = torch.empty_like(images)
     rng = np.random.RandomState(0)
     gen = torch.Generator().manual_seed(1)
     _compare(
@@ -246,6 +249,7 @@ def test_bench_pseudo_mixup(benchmark):
             "original": lambda: _original_pseudo_mixup(scratch, prob, label, 0.6, rng=rng),
             "torch": lambda: pseudo_mixup(donated, prob, label, 0.6, generator=gen, donate=True, backend="torch"),
             "new_tensor": lambda: pseudo_mixup(images, prob, label, 0.6, generator=gen),
+            "copy": lambda: copied.copy_(images),
         },
         rounds=15,
         ratio_rounds=15,
