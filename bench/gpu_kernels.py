@@ -523,11 +523,13 @@ def ptx_check() -> dict:
 # ------------------------------------------------------------------------------------------ driver
 
 
-def run(smoke: bool, sweep: bool = True, compile_: bool = True, partial: Path | None = None) -> dict:
+def run(smoke: bool, sweep: bool = True, compile_: bool = True, partial: Path | None = None,
+        progress=None) -> dict:
     """Every check; returns the report. ``smoke``: tiny sizes, one iteration; on the CPU under the Triton
     interpreter when there is no CUDA device (or when TRITON_INTERPRET=1), else on the GPU.
     ``sweep=False`` skips the launch-config sweeps, ``compile_=False`` the torch.compile check;
-    ``partial``: a file rewritten with the report so far after each section (kept if the run is killed)."""
+    ``partial``: a file rewritten with the report so far after each section (kept if the run is killed);
+    ``progress``: called with the report so far after each section (the GPU suite saves it)."""
     cuda = torch.cuda.is_available()
     smoke = smoke or not cuda
     if not cuda:
@@ -560,7 +562,7 @@ def run(smoke: bool, sweep: bool = True, compile_: bool = True, partial: Path | 
         report.setdefault("section_seconds", {})[section.__name__] = time.perf_counter() - t1
         if device.type == "cuda":
             torch.cuda.empty_cache()
-        _write(partial, report)
+        _write(partial, report, progress)
     if compile_:
         try:
             report["compile"] = compile_check(device, smoke)
@@ -572,11 +574,13 @@ def run(smoke: bool, sweep: bool = True, compile_: bool = True, partial: Path | 
         f"{r['copy_ratio']:.0%} of copy" + ("" if r["target"] is None else
                                           f" (target {r['target']:.0%}: {'met' if r['meets_target'] else 'MISSED'})")
         for r in report["rows"]]
-    _write(partial, report)
+    _write(partial, report, progress)
     return report
 
 
-def _write(path: Path | None, report: dict) -> None:
+def _write(path: Path | None, report: dict, progress=None) -> None:
+    if progress is not None:
+        progress(report)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(report, indent=2) + "\n")

@@ -1,24 +1,29 @@
 """The GPU checks, prepared to run in one go on a lent device: python -m bench.gpu_suite [--out FILE]
 
-1. attention backends (sdpa, math, xformers when installed) agree in bf16 on ViT-B/16;
-2. forward throughput and peak memory of ViT-B/16 and ViT-H/14 at 224 px (bf16 autocast);
-3. the real Semi-ViT training step (engine.stages.semi + the shared optimizer step, EMA included) in
-   bf16 on synthetic tensors: ViT-B/16 with 16 labelled + 80 unlabelled, ViT-H/14 with 2 + 10; img/s,
-   peak memory against the dry run's estimate (engine.costmodel), and MFU = achieved model FLOP/s
-   (forward GFLOPs x (3 x (B + mu B) student + mu B teacher); checkpointing's recompute not counted) /
-   the matmul peak measured here on a large bf16 matmul (the data-sheet peak is recorded too);
-4. the original-style step (bench/original_step.py) on the same GPU and batches: the speed-up of (3);
-5. ViT-B/16 with run.compile on (torch.compile) against (3);
-6. ViT-H/14 at the largest labelled batch per GPU that fits (unlabelled = 5 x; doubling from 2 up to
-   128, then halving the gap twice; 3 timed steps per trial; no new trial after --budget seconds),
-   with and without activation checkpointing.
-7. the fused kernels (bench.gpu_kernels, without its launch-setting sweep): each against its reference on
-   the GPU, achieved GB/s against the measured device-to-device copy bandwidth; and the ViT-B/16 semi
-   step with the Triton kernels against the same step with the torch versions (run.kernels).
+Sections, most valuable first (a run cut short by its time cap still answers the main questions):
 
-Writes one JSON file (device name, date, versions, every number) under bench/results/ and its table
-into bench/RESULTS.md (bench/gpu_report.py). `--smoke` runs the same code on the CPU with tiny models,
-so the script is tested where there is no GPU; a smoke run writes no GPU number anywhere.
+1. kernels: each fused Triton op against its reference on the GPU and its GB/s against the measured
+   device-to-device copy bandwidth (bench.gpu_kernels), plus torch.compile(fullgraph=True) of the ops;
+2. semi_step: the real Semi-ViT training step (engine.stages.semi + the shared optimizer step, EMA
+   included) in bf16 on synthetic tensors: ViT-B/16 with 16 labelled + 80 unlabelled, ViT-H/14 with
+   2 + 10; img/s, peak memory against the dry run's estimate (engine.costmodel), and MFU = achieved model
+   FLOP/s (forward GFLOPs x (3 x (B + mu B) student + mu B teacher); checkpointing's recompute not
+   counted) / the matmul peak measured here on a large bf16 matmul (the data-sheet peak is recorded too);
+3. original_step: the original-style step (bench/original_step.py) on the same GPU and batches;
+4. semi_step_kernels: the ViT-B/16 step with the Triton kernels against the same step with the torch
+   versions (run.kernels);
+5. compile: ViT-B/16 with torch.compile on the student (inductor);
+6. attention_bf16, forward: attention backends agree in bf16; forward throughput and peak memory;
+7. kernel_sweep: the kernels' launch-setting sweeps;
+8. largest_batch: ViT-H/14 at the largest labelled batch per GPU that fits (unlabelled = 5 x; doubling
+   from 2 up to 128, then halving the gap twice; 3 timed steps per trial), with and without activation
+   checkpointing; no new trial after --budget seconds.
+
+The JSON (device name, date, versions, every number, every error) is rewritten after every section, and
+its table put into bench/RESULTS.md (bench/gpu_report.py); bench/gpu_summary.py turns it into the
+verdict (each target met / missed / not measured, every error). `--smoke` runs the same code on the CPU
+with tiny models (the Triton kernels in the interpreter), so the script is tested where there is no GPU;
+a smoke run writes no GPU number anywhere.
 """
 
 from __future__ import annotations
@@ -26,25 +31,31 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import os
 import platform
+import re
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
 
-from bench import gpu_kernels
-from bench.gpu_kernels import timed  # CUDA events on the GPU, perf_counter on the CPU
-from bench.gpu_report import update_results_md
-from bench.original_step import OriginalStep
-from engine import costmodel as cm
-from engine.config import Config, DataConfig, ModelConfig, SemiConfig
-from engine.models import build_vit, forward_gflops, param_count
-from engine.optim import build_optimizer
-from engine.runtime import Runtime
-from engine.stages.loop import optimizer_step
-from engine.stages.semi import SemiStage
-from kernels import dispatch
+# Triton picks the interpreter when a kernel is decorated: decide before anything imports Triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from bench import gpu_kernels, gpu_summary  # noqa: E402
+from bench.gpu_kernels import timed  # noqa: E402 (CUDA events on the GPU, perf_counter on the CPU)
+from bench.gpu_report import update_results_md  # noqa: E402
+from bench.original_step import OriginalStep  # noqa: E402
+from engine import costmodel as cm  # noqa: E402
+from engine.config import Config, DataConfig, ModelConfig, SemiConfig  # noqa: E402
+from engine.models import build_vit, forward_gflops, param_count  # noqa: E402
+from engine.optim import build_optimizer  # noqa: E402
+from engine.runtime import Runtime  # noqa: E402
+from engine.stages.loop import optimizer_step  # noqa: E402
+from engine.stages.semi import SemiStage  # noqa: E402
+from kernels import dispatch  # noqa: E402
 
 
 def peak_reset(device):
@@ -213,18 +224,6 @@ def largest_batch(arch: str, img: int, device, dtype, mu: int, iters: int, peak:
             "step": best}
 
 
-def section(report: dict, name: str, fn):
-    """Run one part; a failure (e.g. torch.compile without a working Triton) is recorded, not fatal, so
-    the rest of a lent device's minutes still produce numbers."""
-    t0 = time.perf_counter()
-    try:
-        report[name] = fn()
-    except Exception as err:  # noqa: BLE001 (recorded in the JSON and the table)
-        report[name] = None
-        report.setdefault("errors", {})[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
-    report.setdefault("seconds", {})[name] = round(time.perf_counter() - t0, 1)
-
-
 def steps(report: dict, name: str) -> list[dict]:
     """The step results of a section, [] when it failed."""
     value = report.get(name)
@@ -256,14 +255,62 @@ def kernels_step_comparison(arch: str, img: int, device, dtype, b: int, iters: i
             "speedup": best["torch"] / best[fused]}
 
 
+class Suite:
+    """Runs the sections in order and rewrites the JSON (and the table) after each one, so a run killed by
+    its time cap keeps everything measured so far. A failing section is recorded and the rest still runs;
+    once ``budget`` seconds have passed no new section starts (it is listed under ``not_run``)."""
+
+    def __init__(self, report: dict, out: Path | None, results_md: Path | None, budget: float):
+        self.report, self.out, self.results_md = report, out, results_md
+        self.t_start = time.perf_counter()
+        self.deadline = self.t_start + budget
+
+    def run(self, name: str, fn) -> None:
+        report = self.report
+        if time.perf_counter() > self.deadline:
+            report.setdefault("not_run", []).append(name)
+            self.save()
+            return
+        report["running"] = name  # what a killed run was doing
+        self.save()
+        t0 = time.perf_counter()
+        try:
+            report[name] = fn()
+        except Exception as err:  # noqa: BLE001 (recorded in the JSON, the table and the summary)
+            report[name] = None
+            report.setdefault("errors", {})[name] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+        report.setdefault("seconds", {})[name] = round(time.perf_counter() - t0, 1)
+        report.pop("running")
+        self.save()
+
+    def save(self) -> None:
+        report = self.report
+        report["targets"] = gpu_summary.targets(report)
+        report["wall_seconds"] = round(time.perf_counter() - self.t_start, 1)
+        if self.out is not None:
+            report["json"] = str(self.out)
+            write_atomic(self.out, json.dumps(report, indent=2) + "\n")
+        if self.results_md is not None:
+            update_results_md(self.results_md, report)
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """A reader (or a killed run) sees the previous file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="", help="JSON file (default bench/results/gpu-<device>-<date>.json)")
     parser.add_argument("--results-md", default="", help="markdown file to put the table in (default "
                         "bench/RESULTS.md; a smoke run writes none unless given)")
     parser.add_argument("--smoke", action="store_true", help="tiny model on the CPU: checks the script itself")
-    parser.add_argument("--budget", type=float, default=420.0,
-                        help="seconds after which the largest-batch search starts no new trial (default 420)")
+    parser.add_argument("--budget", type=float, default=220.0,
+                        help="seconds after which no new section and no new largest-batch trial starts "
+                        "(default 220; bench/gpu_check.sh caps the whole suite at 280 s)")
     args = parser.parse_args(argv)
     smoke = args.smoke or not torch.cuda.is_available()
     device = torch.device("cpu" if smoke else "cuda")
@@ -276,68 +323,57 @@ def main(argv=None) -> dict:
         ("vit_base_patch16", "vit_huge_patch14", 224)
     iters = 1 if smoke else 10
     b_big = 4 if smoke else 16  # labelled images per step of ViT-B/16 (the B/16 recipes' batch per GPU)
-    t_start = time.perf_counter()
+    stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
+    out = Path(args.out) if args.out else None if smoke else \
+        Path(f"bench/results/gpu-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name)}-{stamp}.json")
+    results_md = Path(args.results_md) if args.results_md else None if smoke else Path("bench/RESULTS.md")
     report = {"device": name, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "torch": torch.__version__, "python": platform.python_version(), "smoke": smoke,
-              "step_precision": "bf16 autocast" if step_dtype else "fp32"}
+              "step_precision": "bf16 autocast" if step_dtype else "fp32", "huge_arch": huge, "big_arch": big,
+              "budget_seconds": args.budget}
+    suite = Suite(report, out, results_md, args.budget)
     report["matmul_peak_tflops_bf16"] = peak = matmul_peak_tflops(device, dtype, 256 if smoke else 8192)
     report["spec_peak_tflops_bf16"] = None if smoke else spec_peak(name)
-    section(report, "attention_bf16", lambda: attention_agreement(big, img, device, dtype, batch=4 if smoke else 32))
-    section(report, "forward", lambda: [
-        forward_throughput(big, img, device, step_dtype, batch=8 if smoke else 256, iters=iters),
-        forward_throughput(huge, img, device, step_dtype, batch=8 if smoke else 64, iters=iters)])
-    section(report, "semi_step", lambda: [
+
+    def kernels_so_far(partial: dict) -> None:  # the kernel section saves after each of its own parts
+        report["kernels"] = partial
+        suite.save()
+
+    # most valuable first: a run cut short still answers the main questions
+    suite.run("kernels", lambda: gpu_kernels.run(smoke=smoke, sweep=False, compile_=True, progress=kernels_so_far))
+    free(device)
+    suite.run("semi_step", lambda: [
         semi_step(big, img, device, step_dtype, b=b_big, mu=5, iters=iters, peak_tflops=peak),
         semi_step(huge, img, device, step_dtype, b=2, mu=5, iters=iters, peak_tflops=peak)])
     free(device)
-    section(report, "original_step", lambda: [original_step(big, img, device, step_dtype, b=b_big, mu=5, iters=iters),
-                                              original_step(huge, img, device, step_dtype, b=2, mu=5, iters=iters)])
+    suite.run("original_step", lambda: [original_step(big, img, device, step_dtype, b=b_big, mu=5, iters=iters),
+                                        original_step(huge, img, device, step_dtype, b=2, mu=5, iters=iters)])
     free(device)
     report["speedup_over_original"] = {o["arch"]: o["step_ms"] / s["step_ms"]
                                        for o, s in zip(steps(report, "original_step"), steps(report, "semi_step"))}
-    section(report, "compile", lambda: semi_step(big, img, device, step_dtype, b=b_big, mu=5, iters=iters,
-                                                 peak_tflops=peak, compile_backend="eager" if smoke else "inductor"))
+    suite.run("semi_step_kernels", lambda: kernels_step_comparison(big, img, device, step_dtype, b_big, iters, peak))
     free(device)
-    section(report, "kernels", lambda: gpu_kernels.run(smoke=smoke, sweep=False, compile_=False))
+    suite.run("compile", lambda: semi_step(big, img, device, step_dtype, b=b_big, mu=5, iters=iters,
+                                           peak_tflops=peak, compile_backend="eager" if smoke else "inductor"))
     free(device)
-    section(report, "semi_step_kernels", lambda: kernels_step_comparison(big, img, device, step_dtype, b_big, iters, peak))
+    suite.run("attention_bf16", lambda: attention_agreement(big, img, device, dtype, batch=4 if smoke else 32))
+    suite.run("forward", lambda: [
+        forward_throughput(big, img, device, step_dtype, batch=8 if smoke else 256, iters=iters),
+        forward_throughput(huge, img, device, step_dtype, batch=8 if smoke else 64, iters=iters)])
+    free(device)
+    suite.run("kernel_sweep", lambda: gpu_kernels.run(smoke=smoke, sweep=True, compile_=False)["rows"])
     free(device)
     cap = 2 if smoke else 128  # labelled; x 6 images per step with mu = 5
     search_iters = 1 if smoke else 3  # trials at large batches take seconds per step
-    deadline = t_start + args.budget
-    section(report, "largest_batch", lambda: [
+    suite.run("largest_batch", lambda: [
         largest_batch(huge, img, device, step_dtype, 5, search_iters, peak, checkpointing=False, cap=cap,
-                      deadline=deadline),
+                      deadline=suite.deadline),
         largest_batch(huge, img, device, step_dtype, 5, search_iters, peak, checkpointing=True, cap=cap,
-                      deadline=deadline)])
-    report["targets"] = targets(report, huge)
-    report["wall_seconds"] = round(time.perf_counter() - t_start, 1)
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out or not smoke:
-        stamp = datetime.now(timezone.utc).strftime("%Y-%m-%d")
-        out = Path(args.out or f"bench/results/gpu-{name.replace(' ', '_')}-{stamp}.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(text + "\n")
-        report["json"] = str(out)
-    if args.results_md or not smoke:
-        update_results_md(Path(args.results_md or "bench/RESULTS.md"), report)
+                      deadline=suite.deadline)])
+    report["finished"] = True
+    suite.save()
+    print(json.dumps(report, indent=2))
     return report
-
-
-def targets(report: dict, huge: str) -> dict:
-    """The issue's GPU targets, checked on what was measured (ViT-H/14 at its largest batch without
-    checkpointing, else at the recipe batch)."""
-    fitted = [r["step"] for r in steps(report, "largest_batch") if r["step"] and not r["checkpointing"]]
-    h = (fitted or [s for s in steps(report, "semi_step") if s["arch"] == huge] or [None])[0]
-    speedup = report["speedup_over_original"].get(huge)
-    searched = [r["step"] for r in steps(report, "largest_batch") if r["step"]]
-    measured = [s for s in [*steps(report, "semi_step"), *steps(report, "compile"), *searched]
-                if s.get("estimate_over_peak")]
-    return {"h14_mfu": h["mfu"] if h else None, "h14_mfu_ge_45pct": h["mfu"] >= 0.45 if h else None,
-            "h14_speedup_over_original": speedup, "speedup_ge_1_5x": speedup >= 1.5 if speedup else None,
-            "memory_estimate_within_15pct": all(abs(s["estimate_over_peak"] - 1) <= 0.15 for s in measured)
-            if measured else None}
 
 
 if __name__ == "__main__":
