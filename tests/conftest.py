@@ -1,16 +1,20 @@
 """Test-wide setup.
 
-Triton kernels run on CPU tensors only in Triton's interpreter, and the interpreter is chosen when a
-kernel is decorated, so the variable is set before anything imports Triton. The fused-op default
-backend is process state (the trainer sets it from run.kernels): each test starts from "auto".
+Without a CUDA device the Triton kernels run on CPU tensors in Triton's interpreter, which is chosen
+when a kernel is decorated, so the variable is set before anything imports Triton (importing torch
+does not). With a CUDA device the Triton tests run the compiled kernels on CUDA tensors
+(``impl_device``). The fused-op default backend is process state (the trainer sets it from
+run.kernels): each test starts from "auto".
 """
 
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import kernels.dispatch  # noqa: E402
 
@@ -34,6 +38,16 @@ def require_backend(name: str) -> None:
         pytest.skip(module.status())
 
 
+def impl_device(impl: str) -> torch.device:
+    """Where a test puts the tensors for an implementation: CUDA for Triton unless it is interpreted,
+    the CPU for the others (native, torch, reference)."""
+    from kernels import triton_ops
+
+    if impl == "triton" and not triton_ops.interpreted():
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
 def require_dali() -> None:
     """DALI tests fail in CI (.ci/run installs the wheel) and skip elsewhere, saying how to install it."""
     from dataloading import dali
@@ -48,6 +62,8 @@ def require_dali() -> None:
 def kernels_backend(request):
     """Run a test once per implementation, each reached through the public functions' default."""
     require_backend(request.param)
+    if impl_device(request.param).type != "cpu":
+        pytest.skip("these tests build CPU tensors; the Triton kernels on CUDA are tested by test_triton_ops.py")
     kernels.dispatch.set_default(request.param)
     yield request.param
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import kernels
-from conftest import require_backend
+from conftest import impl_device, require_backend
 from kernels import dispatch, native, triton_ops
 from kernels import (
     draw_mix_randomness,
@@ -88,6 +88,7 @@ def test_python_m_kernels_reports_every_op():
 @pytest.mark.parametrize("backend", FUSED)
 def test_same_seed_gives_the_same_mixed_batch_on_every_backend(backend):
     require_backend(backend)
+    dev = impl_device(backend)
     B, C, H, W = 6, 3, 13, 17
     gen = torch.Generator().manual_seed(3)
     images = torch.randn(B, C, H, W, generator=gen)
@@ -97,7 +98,10 @@ def test_same_seed_gives_the_same_mixed_batch_on_every_backend(backend):
     outs = {}
     for name in ("reference", "torch", backend):
         draws = draw_mix_randomness(B, H, W, 0.5, "cpu", torch.Generator().manual_seed(11))
-        outs[name] = pseudo_mixup(images, prob, label, 0.4, draws=draws, backend=name)
+        on = dev if name == backend else torch.device("cpu")
+        got = pseudo_mixup(images.to(on), prob.to(on), label.to(on), 0.4, backend=name,
+                           draws=kernels.MixDraws(*(t.to(on) for t in draws)))
+        outs[name] = kernels.MixedBatch(*(t.cpu() for t in got))
     ref = outs["reference"]
     for name in ("torch", backend):
         got = outs[name]
@@ -112,16 +116,17 @@ def test_same_seed_gives_the_same_mixed_batch_on_every_backend(backend):
 @pytest.mark.parametrize("backend", FUSED)
 def test_labelled_mixup_and_losses_agree_with_torch(backend):
     require_backend(backend)
+    dev = impl_device(backend)
     gen = torch.Generator().manual_seed(0)
     images, labels = torch.randn(4, 3, 9, 11, generator=gen), torch.randint(0, 5, (4,), generator=gen)
-    a = labelled_mixup(images, labels, generator=torch.Generator().manual_seed(5), backend="torch")
-    b = labelled_mixup(images, labels, generator=torch.Generator().manual_seed(5), backend=backend)
+    a = labelled_mixup(images.to(dev), labels.to(dev), generator=torch.Generator(dev).manual_seed(5), backend="torch")
+    b = labelled_mixup(images.to(dev), labels.to(dev), generator=torch.Generator(dev).manual_seed(5), backend=backend)
     torch.testing.assert_close(b.images, a.images, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(b.lam, a.lam)
 
-    logits = torch.randn(6, 21, generator=gen, requires_grad=True)
-    la, lb = torch.randint(0, 21, (6,), generator=gen), torch.randint(0, 21, (6,), generator=gen)
-    lam, mask = torch.rand(6, generator=gen), (torch.rand(6, generator=gen) > 0.3).float()
+    logits = torch.randn(6, 21, generator=gen).to(dev).requires_grad_()
+    la, lb = torch.randint(0, 21, (6,), generator=gen).to(dev), torch.randint(0, 21, (6,), generator=gen).to(dev)
+    lam, mask = torch.rand(6, generator=gen).to(dev), (torch.rand(6, generator=gen) > 0.3).float().to(dev)
     losses, grads = [], []
     for name in ("torch", backend):
         loss = soft_target_cross_entropy(logits, la, lb, lam, mask, smoothing=0.1, backend=name)
@@ -131,7 +136,7 @@ def test_labelled_mixup_and_losses_agree_with_torch(backend):
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-7)
 
-    z = torch.randn(5, 1000, generator=gen)
+    z = torch.randn(5, 1000, generator=gen).to(dev)
     for x, y in zip(pseudo_label(z, 0.002, backend=backend), pseudo_label(z, 0.002, backend="torch")):
         torch.testing.assert_close(x, y, rtol=1e-6, atol=0)
 
@@ -139,10 +144,11 @@ def test_labelled_mixup_and_losses_agree_with_torch(backend):
 @pytest.mark.parametrize("backend", FUSED)
 def test_ema_through_dispatch_handles_integer_state_and_bf16_students(backend):
     require_backend(backend)
+    dev = impl_device(backend)
     gen = torch.Generator().manual_seed(1)
     shapes = [(3, 5), (7,), (1,), (2, 3, 4)]
-    teacher = [torch.randn(s, generator=gen) for s in shapes] + [torch.tensor(4)]
-    student = [torch.randn(s, generator=gen).bfloat16() for s in shapes] + [torch.tensor(9)]
+    teacher = [t.to(dev) for t in [torch.randn(s, generator=gen) for s in shapes] + [torch.tensor(4)]]
+    student = [t.to(dev) for t in [torch.randn(s, generator=gen).bfloat16() for s in shapes] + [torch.tensor(9)]]
     expected = [t.clone() for t in teacher]
     kernels.ema_update_reference(expected, student, 0.9)
     ema_update(teacher, student, 0.9, backend=backend)

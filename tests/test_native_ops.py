@@ -292,7 +292,7 @@ def test_inplace_ops_match_the_new_tensor_ops(ops, threads, B, C, H, W, dtype):
         torch.set_num_threads(before)
 
 
-def test_inplace_ops_when_openmp_gives_fewer_threads_than_asked():
+def test_inplace_ops_when_openmp_gives_fewer_threads_than_asked(ops):
     """OMP_THREAD_LIMIT=1 with torch set to 3 threads: the op plans 3 shares, the team has 1 thread,
     which must then visit every share (a share left unvisited would leave images unmixed)."""
     script = (

@@ -1,24 +1,22 @@
 """The Triton ops (kernels/triton_ops) against the references in kernels/*.py.
 
-Runs on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, set below before torch / triton
-are imported; tests/conftest.py may set it too), or on CUDA when the interpreter is off and a GPU is
-present. Shapes are small and awkward because the interpreter is slow. Without Triton the module is
-skipped, or fails when the environment variable CI is set.
+Runs on CPU tensors under the Triton interpreter (TRITON_INTERPRET=1, which tests/conftest.py sets
+when there is no CUDA device), or on CUDA when a GPU is present (``impl_device``). Shapes are small
+and awkward because the interpreter is slow. Without Triton the module is skipped, or fails when the
+environment variable CI is set.
 """
-
-import os
-
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before torch / triton / kernels are imported
 
 import importlib.util
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import impl_device
 
 try:
     import triton  # noqa: F401
@@ -41,7 +39,7 @@ from kernels.soft_target_ce import soft_target_cross_entropy_reference  # noqa: 
 from kernels.triton_ops import ema as triton_ema  # noqa: E402
 
 ops = torch.ops.semivit_triton
-DEV = torch.device("cpu" if triton_ops.interpreted() else "cuda")
+DEV = impl_device("triton")
 ROOT = Path(__file__).resolve().parents[1]
 # tolerances for results rounded to the input dtype (one rounding step, plus the reference's own)
 TOL = {torch.float32: dict(atol=1e-6, rtol=1e-5), torch.bfloat16: dict(atol=1.6e-2, rtol=1e-2),

@@ -17,7 +17,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from kernels.triton_ops.launch import launchable
 
 __all__ = ["CONFIG", "pseudo_label"]
 
@@ -70,7 +72,7 @@ def pseudo_label(logits: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tens
     if B:
         large = C > CONFIG["large_c"]
         block_c = min(CONFIG["block_c_large" if large else "block_c"], triton.next_power_of_2(max(C, 16)))
-        wrap_triton(_pseudo_label_kernel)[(B,)](logits, prob, label, mask, C, threshold, BLOCK_C=block_c,
+        launchable(_pseudo_label_kernel)[(B,)](logits, prob, label, mask, C, threshold, BLOCK_C=block_c,
                                                 num_warps=CONFIG["num_warps_large" if large else "num_warps"])
     return prob, label, mask
 

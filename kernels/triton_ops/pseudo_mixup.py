@@ -25,7 +25,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from kernels.triton_ops.launch import launchable
 
 __all__ = ["CONFIG", "mix_batch", "pseudo_mixup"]
 
@@ -121,7 +123,7 @@ def _launch(images: Tensor, w: Tensor, use_cutmix: Tensor, cy: Tensor, cx: Tenso
         block_w = min(triton.next_power_of_2(W), CONFIG["max_block_w"], CONFIG["block"])
         block_h = max(1, CONFIG["block"] // block_w)
         grid = (B, triton.cdiv(C * H, block_h), triton.cdiv(W, block_w))
-        wrap_triton(_mix_kernel)[grid](
+        launchable(_mix_kernel)[grid](
             images, out, w.contiguous(), use_cutmix.contiguous(), cy.contiguous(), cx.contiguous(),
             partner.contiguous(), lam, mask, H, W, C * H, CHW, threshold, PSEUDO=pseudo,
             F64=images.dtype == torch.float64, BLOCK_H=block_h, BLOCK_W=block_w, num_warps=CONFIG["num_warps"])

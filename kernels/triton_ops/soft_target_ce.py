@@ -29,7 +29,9 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from torch.library import triton_op, wrap_triton
+from torch.library import triton_op
+
+from kernels.triton_ops.launch import launchable
 
 __all__ = ["CONFIG", "soft_target_ce"]
 
@@ -108,7 +110,7 @@ def soft_target_ce(logits: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor
     if B:
         large = C > CONFIG["large_c"]
         block_c = min(CONFIG["block_c_large" if large else "block_c"], triton.next_power_of_2(max(C, 16)))
-        wrap_triton(_soft_ce_kernel)[(B,)](
+        launchable(_soft_ce_kernel)[(B,)](
             logits, label_a.contiguous(), label_b.contiguous(), lam.contiguous(),
             wce if mask is None else mask.contiguous(), wce, grad, C, 1.0 / B, smoothing, smoothing / C,
             HAS_MASK=mask is not None, WITH_GRAD=with_grad, BLOCK_C=block_c,
