@@ -10,7 +10,8 @@ import tomllib
 import typing
 from pathlib import Path
 
-from engine.config import STAGES
+from engine.config.load import apply_override
+from engine.config.sections import STAGES
 from engine.config.tree import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -76,6 +77,13 @@ def heading_anchors(path: Path) -> set[str]:
     return anchors
 
 
+def cli_text(cell: str, value) -> str:
+    """How the default would be typed after --key: lists in TOML form, strings unquoted, bools lower case."""
+    if isinstance(value, list):
+        return cell
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def looks_like_key(token: str, sections: set[str]) -> bool:
     """A `section.key` in prose, not a file (`model.safetensors`), a whole section (`mae.*`) or a
     results.json path (`stages.pretrain.recon_loss`)."""
@@ -106,6 +114,19 @@ def test_the_config_page_gives_each_key_its_real_default():
         if value != defaults[key] or isinstance(value, bool) != isinstance(defaults[key], bool):
             wrong.append(f"{key}: page says `{cell}`, the dataclass {defaults[key]!r}")
     assert not wrong, "docs/config.md has wrong defaults (write them as TOML values):\n" + "\n".join(wrong)
+
+
+def test_every_documented_key_works_as_a_flag_and_as_a_one_stage_flag():
+    for key, cell in documented_keys().items():
+        value = tomllib.loads(f"v = {cell}")["v"]
+        text = cli_text(cell, value)
+        for flag in (key, f"stages.semi.{key}"):
+            tree: dict = {}
+            apply_override(tree, flag, text)  # raises ConfigError for a key the command line does not know
+            node = tree
+            for part in flag.split("."):
+                node = node[part]
+            assert node == value, f"--{flag} {text} was read as {node!r}"
 
 
 def test_the_config_page_names_every_stage():
