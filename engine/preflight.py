@@ -38,7 +38,7 @@ def check_paths(stage: str, cfg: Config, first: bool) -> None:
             path = Path(d.root) / sub
             if not path.is_dir():
                 raise UserError(f"data folder '{path}' not found: data.root must hold {d.train_dir}/ and "
-                                f"{d.val_dir}/ with one sub-folder per class (see README, 'Data preparation')")
+                                f"{d.val_dir}/ with one sub-folder per class (see docs/data.md)")
         for key in ("labelled_index", "unlabelled_index"):
             value = getattr(d, key)
             if value and not resolve_index(value, d.root).is_file():
