@@ -121,7 +121,6 @@ def copy_bandwidth(device: torch.device, nbytes: int, iters: int) -> float:
     src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
     dst = torch.empty_like(src)
     seconds = timed(lambda: dst.copy_(src), device, warmup=2, iters=iters)
-    del src, dst
     return 2 * nbytes / seconds / 1e9
 
 
