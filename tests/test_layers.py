@@ -136,14 +136,13 @@ def _base(statement: ast.ImportFrom, source: Source) -> str:
 def import_graph(sources: dict[str, Source]) -> Graph:
     trees = {name: ast.parse(src.text, filename=src.path) for name, src in sources.items()}
     statements = {name: _import_statements(tree) for name, tree in trees.items()}
+    reasons = {name: _comment_lines(src.text) for name, src in sources.items()}
+    eager = {name: _eager_names(tree) for name, tree in trees.items()}
     lazily_exported: dict[str, set[str]] = {}  # package -> submodules its __getattr__ imports
 
-    def known(dotted: str) -> str | None:
+    def known(dotted: str) -> str | None:  # the project module a dotted name lands in
         parts = dotted.split(".")
-        for n in range(len(parts), 0, -1):
-            if ".".join(parts[:n]) in sources:
-                return ".".join(parts[:n])
-        return None
+        return next((".".join(parts[:n]) for n in range(len(parts), 0, -1) if ".".join(parts[:n]) in sources), None)
 
     def targets(statement, source: Source) -> list[str]:
         if isinstance(statement, ast.Import):
@@ -153,37 +152,33 @@ def import_graph(sources: dict[str, Source]) -> Graph:
             return []
         out = []
         for alias in statement.names:
-            if f"{base}.{alias.name}" in sources:
+            if f"{base}.{alias.name}" in sources:  # a submodule
                 out.append(f"{base}.{alias.name}")
                 continue
             out.append(known(base))
-            if base in sources and alias.name not in _eager_names(trees[base]):
+            if base in sources and alias.name not in eager[base]:  # found by the package's __getattr__
                 out.extend(sorted(lazily_exported.get(base, ())))
         return out
 
     def edge(name: str, statement, target: str, local: bool, type_only: bool) -> Edge:
-        src = sources[name]
         lines = range(statement.lineno, (statement.end_lineno or statement.lineno) + 1)
-        explained = any(line in _comment_lines_of[name] for line in lines)
-        return Edge(name, target, f"{src.path}:{statement.lineno}", local, not local and not type_only, explained)
+        return Edge(name, target, f"{sources[name].path}:{statement.lineno}", local=local,
+                    runs=not local and not type_only, explained=any(line in reasons[name] for line in lines))
 
-    _comment_lines_of = {name: _comment_lines(src.text) for name, src in sources.items()}
     lazy_exports = []
     for name, found in statements.items():
         for statement, local, type_only, hook in found:
-            if not (hook and sources[name].package):
-                continue
-            for target in targets(statement, sources[name]):
+            for target in targets(statement, sources[name]) if hook and sources[name].package else ():
                 if target.startswith(name + "."):
                     lazily_exported.setdefault(name, set()).add(target)
                     lazy_exports.append(edge(name, statement, target, local, type_only))
-    exported = {(e.source, e.where, e.target) for e in lazy_exports}
+    charged_elsewhere = {(e.where, e.target) for e in lazy_exports}
     edges = {}  # one per statement and target
     for name, found in statements.items():
         for statement, local, type_only, _ in found:
             for target in targets(statement, sources[name]):
                 e = edge(name, statement, target, local, type_only)
-                if (e.source, e.where, e.target) not in exported and target != name:
+                if (e.where, e.target) not in charged_elsewhere and target != name:
                     edges.setdefault((e.where, e.target), e)
     return Graph(list(edges.values()), lazy_exports)
 
