@@ -21,9 +21,9 @@ if TYPE_CHECKING:  # pragma: no cover
 
 def __getattr__(name: str):
     if name in ("build_data", "describe_data"):
-        from dataloading import build
+        from dataloading import build  # lazy: start-up cost (torch), see above
         return getattr(build, name)
     if name in ("BatchStream", "StageData"):
-        from dataloading import streams
+        from dataloading import streams  # lazy: start-up cost (torch), see above
         return getattr(streams, name)
     raise AttributeError(f"module 'dataloading' has no attribute '{name}'")

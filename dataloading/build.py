@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import torch
 
+from dataloading import digits
+from dataloading.dali import resolve_loader  # re-exported: the engine asks build which loader runs
 from dataloading.randaug import parse_randaug
 from dataloading.streams import StageData, check_need
 from engine.errors import UserError
+
+__all__ = ["DEFAULT_NEED", "build_data", "describe_data", "resolve_loader"]
 
 DEFAULT_NEED = ("labelled", "unlabelled", "evaluation")
 
 
 def _source(data):
     if data.source == "digits":
-        from dataloading import digits
         return digits
     if data.source == "imagefolder":
-        from dataloading import imagefolder
+        from dataloading import imagefolder  # lazy: start-up cost (torchvision), which the digits never need
         return imagefolder
     raise UserError(f"data.source = '{data.source}' is unknown: use 'imagefolder' or 'digits'")
 
@@ -38,22 +41,6 @@ def build_data(data, augment, *, img_size: int, batch_size: int, unlabelled_batc
     return _source(data).build(data, augment, img_size=img_size, batch_size=batch_size,
                                unlabelled_batch_size=unlabelled_batch_size, seed=seed, rank=rank,
                                world_size=world_size, device=torch.device(device), need=names)
-
-
-def resolve_loader(data, device: torch.device | str) -> str:
-    """The loader that runs: 'torch' or 'dali'. `auto` takes DALI on a CUDA device when it is installed and
-    the data is a folder (GPU decoding); on a CPU the torch loader, which measured as fast as DALI's CPU
-    pipelines on 2 cores (bench/RESULTS.md), skips unreadable files and follows timm's recipe exactly."""
-    if data.source != "imagefolder":
-        return "torch"  # the in-memory digits have nothing to decode
-    if data.loader == "dali":
-        from dataloading import dali
-        dali.require()
-        return "dali"
-    if data.loader == "auto" and torch.device(device).type == "cuda":
-        from dataloading import dali
-        return "dali" if dali.available() else "torch"
-    return "torch"
 
 
 def describe_data(data) -> dict:

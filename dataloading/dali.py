@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from dataloading.randaug import LEVEL_DENOM, RandAugSpec
+from dataloading.readable import check_image
 from dataloading.sampler import ShardedSampler, derive_seed
 from dataloading.streams import StageData
 from engine.errors import UserError
@@ -50,6 +51,20 @@ def require() -> None:
     if not available():
         raise UserError(f"data.loader = 'dali' needs NVIDIA DALI, which is not installed: {INSTALL}; or set "
                         f"data.loader = 'torch' (or 'auto')")
+
+
+def resolve_loader(data, device: torch.device | str) -> str:
+    """The loader that runs: 'torch' or 'dali'. `auto` takes DALI on a CUDA device when it is installed and
+    the data is a folder (GPU decoding); on a CPU the torch loader, which measured as fast as DALI's CPU
+    pipelines on 2 cores (bench/RESULTS.md), skips unreadable files and follows timm's recipe exactly."""
+    if data.source != "imagefolder":
+        return "torch"  # the in-memory digits have nothing to decode
+    if data.loader == "dali":
+        require()
+        return "dali"
+    if data.loader == "auto" and torch.device(device).type == "cuda":
+        return "dali" if available() else "torch"
+    return "torch"
 
 
 # ------------------------------------------------------------------------------------------ the views
@@ -87,17 +102,42 @@ def randaug_ops(spec: RandAugSpec):
     0..10 scale (bin m of 11)."""
     from nvidia.dali.auto_aug import augmentations as A
 
+    equalize, sharpness = _with_op(A.equalize, _equalize), _with_op(A.sharpness, _sharpen)
     posterize = A.posterize.augmentation(mag_range=(0, 4), mag_to_param=_posterize_mask(spec.increasing))
     solarize = A.solarize.augmentation(mag_range=(256, 0)) if spec.increasing else \
         A.solarize.augmentation(mag_range=(0, 256), mag_to_param=_floor)  # timm: int(level / 10 * 256)
-    enhance = [A.color, A.contrast, A.brightness, A.sharpness]
+    enhance = [A.color, A.contrast, A.brightness, sharpness]
     if not spec.increasing:  # timm's plain set: factor (level / 10) * 1.8 + 0.1, unsigned
         enhance = [a.augmentation(mag_range=(0.1, 1.9), randomly_negate=False,
-                                  mag_to_param=A.sharpness_kernel_shifted if a is A.sharpness else _factor)
+                                  mag_to_param=A.sharpness_kernel_shifted if a is sharpness else _factor)
                    for a in enhance]
     translate = [a.augmentation(mag_range=(0, 0.45)) for a in (A.translate_x, A.translate_y)]  # timm's 0.45
-    return [A.auto_contrast, A.equalize, A.invert, A.rotate, posterize, solarize,
+    return [A.auto_contrast, equalize, A.invert, A.rotate, posterize, solarize,
             A.solarize_add, *enhance, A.shear_x, A.shear_y, *translate]
+
+
+# DALI's own equalize and sharpness augmentations call the deprecated fn.experimental aliases; these call the
+# same operators by their current names (the experimental ones on DALI releases that lack them).
+def _with_op(aug, op):
+    """`aug` with `op` as its body; magnitudes, sign, parameter mapping, device and name kept."""
+    from nvidia.dali.auto_aug.core import augmentation
+
+    return augmentation(op, mag_range=aug.mag_range, randomly_negate=aug.randomly_negate,
+                        mag_to_param=aug.mag_to_param, param_device=aug.param_device, name=aug.name)
+
+
+def _operator(name: str):
+    from nvidia.dali import fn
+
+    return getattr(fn, name, None) or getattr(fn.experimental, name)
+
+
+def _equalize(data, _):
+    return _operator("equalize")(data)
+
+
+def _sharpen(data, kernel):
+    return _operator("filter")(data, kernel)
 
 
 def _floor(mag):
@@ -246,8 +286,6 @@ class DaliStream:
                 f"and set data.exclude = \"{root}/exclude.txt\" (or use data.loader = 'torch', which skips them)")
 
     def _unreadable(self, paths: list[str], err: Exception) -> UserError:
-        from dataloading.validate import check_image
-
         for path in paths:
             problem = check_image(path)
             if problem is not None:

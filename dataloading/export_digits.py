@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from dataloading.splits import per_class_split
+from engine.config.sections import DataConfig
 from engine.errors import EXIT_USAGE
 
 PERCENTS = (1, 10)
@@ -25,9 +27,7 @@ PERCENTS = (1, 10)
 
 def export(out: Path, size: int = 32, quality: int = 90) -> dict:
     """Write the folder; {"train": n, "val": n, "index": {percent: n}}."""
-    from dataloading import digits
-    from dataloading.splits import per_class_split
-    from engine.config.sections import DataConfig
+    from dataloading import digits  # lazy: start-up cost (torch), so --help and a bad OUT answer at once
 
     raw, targets = digits._load()  # (1797, 8, 8) in [0, 1]
     split = digits.split_indices(DataConfig(source="digits", labels_per_class=1, mean=[0.5], std=[0.5]))

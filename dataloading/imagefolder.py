@@ -30,6 +30,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, get_worker_info
 
+from dataloading import dali
 from dataloading import transforms as T
 from dataloading.exclude import excluded_positions, keep, read_exclusions
 from dataloading.randaug import parse_randaug
@@ -190,15 +191,13 @@ class LoaderStream:
 
 def build(data, augment, *, img_size: int, batch_size: int, unlabelled_batch_size: int, seed: int, rank: int,
           world_size: int, device: torch.device, need: set[str]) -> StageData:
-    """The streams of `need`, through the torch or the DALI loader (build.resolve_loader); both read the
+    """The streams of `need`, through the torch or the DALI loader (dali.resolve_loader); both read the
     same positions in the same order from the same ShardedSampler."""
-    from dataloading.build import resolve_loader
-
     if len(data.mean) not in (1, 3):
         raise UserError(f"data.mean/std have {len(data.mean)} entries: image folders are read as RGB (set 3 entries) "
                         f"or greyscale (1 entry)")
     policy = parse_randaug(augment.randaug)
-    loader = resolve_loader(data, device)
+    loader = dali.resolve_loader(data, device)
     train, val = scan_both(data)
     split = choose_split(train.targets, len(train.classes), data, class_names=train.classes, root=data.root)
     bad_train, bad_val = excluded(data, train), excluded(data, val)
@@ -219,7 +218,6 @@ def build(data, augment, *, img_size: int, batch_size: int, unlabelled_batch_siz
                               world_size=world_size, shuffle=train, drop_last=train, repeat=name == "labelled")
 
     if loader == "dali":
-        from dataloading import dali
         return dali.build_streams(data, augment, policy, train=train, val=val, sets=sets,
                                   eval_positions=keep(np.arange(len(val)), bad_val), sampler=sampler,
                                   img_size=img_size, seed=seed, rank=rank, device=device, need=need)

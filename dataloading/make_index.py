@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dataloading.splits import per_class_split
 from engine.errors import EXIT_USAGE, UserError
 
 
@@ -43,9 +44,6 @@ def write_index(path: Path, positions: np.ndarray) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from dataloading.imagefolder import scan
-    from dataloading.splits import per_class_split
-
     ap = argparse.ArgumentParser(prog="python -m dataloading.make_index", description=__doc__.splitlines()[0])
     ap.add_argument("root", help="data set folder holding train/ (data.root)")
     how = ap.add_mutually_exclusive_group(required=True)
@@ -56,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train-dir", default="train")
     ap.add_argument("--out", required=True, help="CSV to write, e.g. ROOT/train_1p_index.csv")
     args = ap.parse_args(argv)
+    from dataloading.imagefolder import scan  # lazy: start-up cost (torch), so --help answers at once
+
     try:
         train = scan(Path(args.root).expanduser() / args.train_dir, "train")
         if args.names:

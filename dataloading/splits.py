@@ -46,7 +46,8 @@ def per_class_split(targets: np.ndarray, num_classes: int, *, labels_per_class: 
     return np.sort(np.concatenate(chosen)).astype(np.int64) if chosen else np.zeros(0, np.int64)
 
 
-def _resolve(path: str, root: str) -> Path:
+def resolve_index_file(path: str, root: str) -> Path:
+    """An index file named in the config: the path as given, or under data.root when only that exists."""
     p = Path(path).expanduser()
     if not p.exists() and not p.is_absolute() and root and (Path(root) / p).exists():
         return Path(root) / p
@@ -56,7 +57,7 @@ def _resolve(path: str, root: str) -> Path:
 def read_index_csv(path: str, num_samples: int, *, key: str, root: str = "") -> np.ndarray:
     """Positions listed in the `Index` column of a CSV, sorted; every problem raises UserError naming the
     file, the line and the valid range 0..num_samples-1."""
-    p = _resolve(path, root)
+    p = resolve_index_file(path, root)
     where = f"{key} = '{path}'"
     if not p.is_file():
         raise UserError(f"{where}: no such file (looked at {p.resolve()}); give the path of a CSV with a column "

@@ -15,8 +15,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from PIL import Image
-
+from dataloading.readable import check_image
 from engine.errors import EXIT_USAGE
 
 
@@ -30,18 +29,6 @@ def image_files(root: Path) -> list[str]:
         dirnames.sort()
         out.extend(os.path.join(dirpath, f) for f in sorted(filenames) if f.lower().endswith(IMG_EXTENSIONS))
     return out
-
-
-def check_image(path: str) -> str | None:
-    """None if PIL can verify and fully decode `path`, else the error as text."""
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        with Image.open(path) as im:  # verify() leaves the image unusable: reopen to decode every pixel
-            im.load()
-    except Exception as e:  # OSError, SyntaxError, ValueError, DecompressionBombError, ...
-        return f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")
-    return None
 
 
 def find_unreadable(root: Path, workers: int = 1, progress: bool = False) -> tuple[int, list[tuple[str, str]]]:

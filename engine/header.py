@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 
 import kernels
+from dataloading.build import resolve_loader
 from engine.config import Config
 from engine.runtime import Runtime
 
@@ -23,8 +24,6 @@ def device_name(rt: Runtime) -> str:
 
 
 def data_path(cfg: Config, rt: Runtime) -> str:
-    from dataloading.build import resolve_loader
-
     d = cfg.data
     if d.source == "digits":
         return "digits in memory, augmented on the training device"

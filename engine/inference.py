@@ -9,6 +9,8 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from dataloading.digits import preprocess
+from engine.checkpoint import safe_load
 from engine.config import Config
 from engine.errors import UserError
 from engine.models.build import build_model, find_ema
@@ -33,8 +35,6 @@ def read_weights(path: str | Path) -> tuple[dict, str]:
         except (SafetensorError, OSError, ValueError) as err:
             raise UserError(f"--checkpoint '{path}' is not a readable safetensors file ({err}): "
                             f"give RUN/model.safetensors as the run wrote it") from None
-    from engine.checkpoint import safe_load
-
     state = safe_load(path)
     found = find_ema(state)
     if found is not None:
@@ -44,6 +44,15 @@ def read_weights(path: str | Path) -> tuple[dict, str]:
         raise UserError(f"--checkpoint '{path}' holds no weights: expected this engine's checkpoint, "
                         f"model.safetensors or a {{'model': state_dict}} file")
     return weights, "model"
+
+
+def device_and_dtype(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
+    """run.device / run.precision as training reads them: CUDA and bf16 autocast when present, else CPU fp32."""
+    cuda = torch.cuda.is_available() and cfg.run.device != "cpu"
+    if cfg.run.device == "cuda" and not cuda:
+        raise UserError("run.device = 'cuda' but no CUDA device is visible: use --run.device cpu (or auto)")
+    bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and cuda)
+    return torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if bf16 else None
 
 
 def load_classifier(path: str | Path, cfg: Config, device: torch.device) -> tuple[nn.Module, str]:
@@ -88,14 +97,12 @@ def file_transform(cfg: Config) -> tuple[Callable, str]:
     if d.source == "digits":
         from torchvision.transforms.v2.functional import pil_to_tensor
 
-        from dataloading.digits import preprocess
-
         def digits_view(img):  # the whole image, resized as the in-memory digits are (no crop)
             x = pil_to_tensor(img).float().div(255.0)  # (1, h, w) in [0, 1]
             return preprocess(x[None], size, d.mean, d.std)[0]
 
         return digits_view, mode
-    from dataloading import transforms as T
+    from dataloading import transforms as T  # lazy: start-up cost (torchvision), which the digits never need
 
     return T.evaluation(size, d.mean, d.std), mode
 

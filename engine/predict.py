@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from engine.config import Config, load_plan
 from engine.errors import EXIT_USAGE, UserError
-from engine.inference import class_names, file_transform, load_classifier, probabilities
+from engine.inference import class_names, device_and_dtype, file_transform, load_classifier, probabilities
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp"}
 
@@ -51,15 +51,6 @@ def decode(path: Path, transform, mode: str) -> torch.Tensor:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise UserError(f"'{path}' is not a readable image ({type(err).__name__}): remove it or convert it "
                         f"to PNG/JPEG") from None
-
-
-def device_and_dtype(cfg: Config) -> tuple[torch.device, torch.dtype | None]:
-    """run.device / run.precision as training reads them: CUDA and bf16 autocast when present, else CPU fp32."""
-    cuda = torch.cuda.is_available() and cfg.run.device != "cpu"
-    if cfg.run.device == "cuda" and not cuda:
-        raise UserError("run.device = 'cuda' but no CUDA device is visible: use --run.device cpu (or auto)")
-    bf16 = cfg.run.precision == "bf16" or (cfg.run.precision == "auto" and cuda)
-    return torch.device("cuda" if cuda else "cpu"), torch.bfloat16 if bf16 else None
 
 
 def predict(files: list[Path], cfg: Config, checkpoint: str, batch_size: int = 64, top_k: int = 5,

@@ -7,6 +7,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from dataloading.build import describe_data, resolve_loader
+from dataloading.exclude import resolve
+from dataloading.splits import resolve_index_file as resolve_index
 from engine.config import Config, RunPlan
 from engine.errors import UserError
 
@@ -21,16 +24,11 @@ def preflight(plan: RunPlan) -> None:
         if name in TRAINING:
             key = repr(cfg.data)
             if key not in counts:
-                from dataloading import describe_data
                 counts[key] = describe_data(cfg.data)
             check_sizes(name, cfg, counts[key], world)
 
 
 def check_paths(stage: str, cfg: Config, first: bool) -> None:
-    from dataloading.build import resolve_loader
-    from dataloading.exclude import resolve
-    from dataloading.splits import _resolve as resolve_index
-
     d = cfg.data
     if d.source == "imagefolder":
         subs = {"eval": (d.val_dir,), "pseudo_label": (d.train_dir,)}.get(stage, (d.train_dir, d.val_dir))

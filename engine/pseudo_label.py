@@ -26,9 +26,11 @@ from PIL import Image
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
+from dataloading.digits import unlabelled_pool
+from dataloading.splits import choose_split
 from engine.config import Config, load_plan
 from engine.errors import EXIT_USAGE, UserError
-from engine.inference import class_names, file_transform, load_classifier, probabilities
+from engine.inference import class_names, device_and_dtype, file_transform, load_classifier, probabilities
 
 COLUMNS = ["index", "path", "label", "class_name", "confidence", "accepted", "true_label"]
 
@@ -55,15 +57,12 @@ def pool_batches(cfg: Config, batch_size: int) -> Iterator[tuple[np.ndarray, lis
     """(positions, paths, images (b, C, H, W), true labels (b,)) over the unlabelled split, in order."""
     d = cfg.data
     if d.source == "digits":
-        from dataloading.digits import unlabelled_pool
-
         ids, images, labels = unlabelled_pool(d, cfg.model.img_size)
         for s in range(0, len(ids), batch_size):
             chunk = slice(s, s + batch_size)
             yield ids[chunk], [""] * len(ids[chunk]), images[chunk], labels[chunk]
         return
-    from dataloading.imagefolder import scan_both
-    from dataloading.splits import choose_split
+    from dataloading.imagefolder import scan_both  # lazy: start-up cost (torchvision), which the digits never need
 
     train, _ = scan_both(d)
     split = choose_split(train.targets, len(train.classes), d, class_names=train.classes, root=d.root)
@@ -126,8 +125,6 @@ def main(argv: list[str] | None = None) -> int:
         tau = cfg.semi.threshold if args.threshold is None else args.threshold
         if not 0.0 < tau <= 1.0:
             raise UserError(f"--threshold must be in (0, 1], got {tau}")
-        from engine.predict import device_and_dtype
-
         device, dtype = device_and_dtype(cfg)
         model, what = load_classifier(args.checkpoint, cfg, device)
         out = Path(args.out) if args.out else Path(args.cfg).parent / "pseudo_labels.csv"

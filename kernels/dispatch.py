@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import torch
 
+from kernels import native, triton_ops  # triton_ops imports Triton itself only in its load()
+
 __all__ = ["BACKENDS", "KernelUnavailable", "OPS", "check_backend", "get_default", "op", "report",
            "resolve", "set_default", "describe"]
 
@@ -46,22 +48,16 @@ def get_default() -> str:
 
 
 def _triton_usable(device: torch.device, dtype: torch.dtype | None) -> bool:
-    from kernels import triton_ops
-
     return ((device.type in ("cuda", "meta") or triton_ops.interpreted())
             and (dtype is None or dtype in _TRITON_DTYPES) and triton_ops.load())
 
 
 def _native_usable(device: torch.device) -> bool:
-    from kernels import native
-
     return device.type in ("cpu", "meta") and native.load()
 
 
 def _triton_problem(device: torch.device, dtype: torch.dtype | None) -> str | None:
     """Why Triton cannot run on these tensors, or None when it can. Cheap when it can (per call)."""
-    from kernels import triton_ops  # optional dependency: imported on first use, never with `kernels`
-
     if device.type not in ("cuda", "meta") and not triton_ops.interpreted():
         return f"triton: tensors on {device.type}, not CUDA (CPU runs Triton only under TRITON_INTERPRET=1)"
     if dtype is not None and dtype not in _TRITON_DTYPES:
@@ -73,8 +69,6 @@ def _triton_problem(device: torch.device, dtype: torch.dtype | None) -> str | No
 
 def _native_problem(device: torch.device) -> str | None:
     """Why the native ops cannot run on these tensors, or None when they can."""
-    from kernels import native
-
     if device.type not in ("cpu", "meta"):
         return f"native: tensors on {device.type}; the native ops are CPU ops"
     if not native.load():
@@ -127,8 +121,6 @@ def describe(device: torch.device | str, backend: str | None = None) -> str:
 
 
 def _why(device: torch.device, chosen: str) -> str:
-    from kernels import native, triton_ops
-
     if chosen == "triton":
         return triton_ops.status()
     if chosen == "native":
@@ -147,7 +139,5 @@ def report() -> str:
         for op in OPS:
             lines.append(f"  {op:<26} {chosen:<7} {why}")
     if not torch.cuda.is_available():
-        from kernels import triton_ops
-
         lines.append(f"cuda tensors: no CUDA device here; on a GPU 'auto' picks triton when installed ({triton_ops.status()})")
     return "\n".join(lines)

@@ -7,6 +7,8 @@ import torch.nn as nn
 from torch.func import functional_call
 from torch.utils.flop_counter import FlopCounterMode
 
+from .vit import build_vit
+
 
 def forward_gflops(model: nn.Module | str, img_size: int | tuple[int, int]) -> float:
     """GFLOPs of one forward pass for ONE image (a multiply-add counts 2, as FlopCounterMode counts).
@@ -19,8 +21,6 @@ def forward_gflops(model: nn.Module | str, img_size: int | tuple[int, int]) -> f
     """
     hw = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
     if isinstance(model, str):
-        from .vit import build_vit
-
         with torch.device("meta"):
             model = build_vit(model, img_size=hw)
     proj = getattr(getattr(model, "patch_embed", None), "proj", None)
