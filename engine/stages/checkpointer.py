@@ -45,7 +45,8 @@ class Checkpointer:
             self.save()
 
     def stop_if_nonfinite(self, record: dict | None) -> None:
-        """On logging steps (`record`): skipped steps left the weights untouched, so saving keeps the last good state."""
+        """On logging steps (`record`): skipped steps left the weights untouched, so saving keeps the last good
+        state."""
         policy = self.cfg.logging
         skipped = record["skipped"] if record is not None else 0
         if skipped > 0 and (policy.nonfinite == "stop" or skipped > policy.max_skips):
