@@ -16,6 +16,7 @@ from engine.stages.common import cycle
 from engine.stages.finetune import FinetuneStage
 from engine.stages.loop import optimizer_step
 from engine.stages.runner import build_student, stage_data
+from engine.stages.specs import STAGE_SPECS
 from engine.stages.semi import SemiStage
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "digits.toml"
@@ -24,8 +25,8 @@ DEMO = Path(__file__).resolve().parent.parent / "configs" / "digits.toml"
 def _stage(name: str):
     cfg = load_plan(DEMO, [("run.stages", name)]).stages[name]
     rt = Runtime(device=torch.device("cpu"), dtype=None)
-    data = stage_data(cfg, rt, name)
-    student, _ = build_student(name, cfg, rt, None)
+    data = stage_data(cfg, rt, STAGE_SPECS[name])
+    student, _ = build_student(STAGE_SPECS[name], cfg, rt, None)
     stage = (SemiStage if name == "semi" else FinetuneStage)(cfg, data, student, student)
     optimizer = build_optimizer(student, cfg.optim, 1e-3)
     params = [p for p in student.parameters() if p.requires_grad]

@@ -25,6 +25,7 @@ import torch
 
 from engine.config import Config
 from engine.errors import UserError
+from engine.stages.specs import STAGE_SPECS, per_process_batch
 
 GIB = 2**30
 USABLE = 0.90  # share of a GPU's memory a run can plan on (CUDA context, NCCL buffers, fragmentation)
@@ -125,9 +126,11 @@ def measure_saved_bytes(fn, weights) -> int:
 # --- a stage's costs -------------------------------------------------------------------------------
 
 def micro_batch(name: str, cfg: Config) -> tuple[int, int]:
-    """(student images, teacher images) per process and micro-step."""
-    b = cfg.data.batch_size
-    return (b + cfg.semi.mu * b, cfg.semi.mu * b) if name == "semi" else (b, 0)
+    """(student images, teacher images) per process and micro-step: the student sees every training stream,
+    the teacher (when the stage runs one) the unlabelled images."""
+    spec = STAGE_SPECS[name]
+    student = sum(per_process_batch(s, cfg) for s in spec.streams if s != "evaluation")
+    return student, per_process_batch("unlabelled", cfg) if spec.cost.teacher_forward else 0
 
 
 def memory_rows(name: str, cfg: Config, params: int, trainable: int, world: int, act: int,
@@ -137,7 +140,7 @@ def memory_rows(name: str, cfg: Config, params: int, trainable: int, world: int,
     spec = ARCHS[cfg.model.arch]
     m = cfg.model
     student, teacher = micro_batch(name, cfg)
-    if name == "pretrain":
+    if STAGE_SPECS[name].model.activations == "mae":
         per_image = mae_activation_bytes(spec, m.img_size, m.in_chans, cfg.mae.mask_ratio, cfg.mae.decoder_dim,
                                          cfg.mae.decoder_depth, cfg.mae.decoder_heads, m.attn_backend, act)
     else:
@@ -165,8 +168,9 @@ def state_bytes(name: str, cfg: Config, params: int, trainable: int, shards: int
     (FSDP2) or whole on every rank (DDP: shards = 1)."""
     rows = {"parameters (fp32)": params * 4 // shards, "gradients": trainable * 4 // shards,
             "AdamW moments": trainable * 8 // shards}
-    if name == "semi" or (name in ("finetune", "baseline") and cfg.ema.enabled):
-        rows["EMA teacher" if name == "semi" else "EMA"] = params * 4 // shards
+    cost = STAGE_SPECS[name].cost
+    if cost.ema_row and (cfg.ema.enabled or not cost.ema_optional):
+        rows[cost.ema_row] = params * 4 // shards
     return rows
 
 

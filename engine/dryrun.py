@@ -8,42 +8,41 @@ import torch
 from engine import costmodel as cm
 from engine.config import Config, RunPlan
 from engine.errors import UserError
-from engine.models.build import build_model
-from engine.models.mae import build_mae
 from engine.models.flops import forward_gflops, param_count
 from engine.optim import absolute_lr
 from engine.runtime import env_world
+from engine.stages.specs import STAGE_SPECS, StageSpec, per_process_batch
 
 
 def stage_summary(name: str, cfg: Config, gpu_key: str = cm.DEFAULT_GPU) -> list[str]:
     _, env_world_size, _ = env_world()
     world = env_world_size if env_world_size > 1 else cfg.dist.world_size
+    spec = STAGE_SPECS[name]
     with torch.device("meta"):
-        model = build_mae(cfg.model, cfg.mae) if name == "pretrain" else build_model(cfg.model)
+        model = spec.model.build(cfg)
     params = param_count(model)
     gflops = forward_gflops(model, cfg.model.img_size)
     accum = cfg.optim.accum_steps
     labelled = cfg.data.batch_size * world * accum
-    unlabelled = cfg.semi.mu * labelled if name == "semi" else 0
+    semi_step = spec.trains and "unlabelled" in spec.streams  # the teacher, pseudo labels and pseudo mixup
     lr = absolute_lr(cfg.optim, labelled)
-    what = (f"MAE, mask ratio {cfg.mae.mask_ratio}, decoder {cfg.mae.decoder_depth} x {cfg.mae.decoder_dim}"
-            if name == "pretrain" else f"{cfg.model.global_pool} pool")
     lines = [
-        f"[{name}] model {cfg.model.arch} @ {cfg.model.img_size}px, {what}, attention {cfg.model.attn_backend}",
+        f"[{name}] model {cfg.model.arch} @ {cfg.model.img_size}px, {spec.model.describe(cfg)}, "
+        f"attention {cfg.model.attn_backend}",
         f"  parameters        {params / 1e6:,.2f} M",
         f"  forward GFLOPs    {gflops:.4g} per image",
         f"  processes         {world}  (data.batch_size {cfg.data.batch_size} x accum {accum} per process)",
-        f"  {'image batch' if name == 'pretrain' else 'labelled batch':<18}{labelled} global",
+        f"  {'image batch' if 'pretrain' in spec.streams else 'labelled batch':<18}{labelled} global",
     ]
-    if name == "semi":
-        lines.append(f"  unlabelled batch  {unlabelled} global (mu = {cfg.semi.mu}), tau = {cfg.semi.threshold}, "
-                     f"lambda_u = {cfg.semi.lambda_u}, EMA {cfg.ema.decay}")
+    if semi_step:
+        lines.append(f"  unlabelled batch  {cfg.semi.mu * labelled} global (mu = {cfg.semi.mu}), tau = "
+                     f"{cfg.semi.threshold}, lambda_u = {cfg.semi.lambda_u}, EMA {cfg.ema.decay}")
         lines.append(f"  fused ops         {trace_semi_ops(cfg)}")
-    if name not in ("eval", "pseudo_label"):
+    if spec.trains:
         source = "optim.lr" if cfg.optim.lr > 0 else f"blr {cfg.optim.blr:g} x {labelled}/256"
         lines.append(f"  absolute lr       {lr:.4g}  ({source}), layer decay {cfg.optim.layer_decay}, "
                      f"{cfg.schedule.epochs:g} epochs, warm-up {cfg.schedule.warmup_epochs:g}")
-        steps, images, assumed = steps_per_epoch(name, cfg, world)
+        steps, images, assumed = steps_per_epoch(spec, cfg, world)
         lines.append(f"  steps per epoch   {steps}  ({images} images{'; ' + assumed if assumed else ''})")
         lines += memory_lines(name, cfg, model, world, gpu_key)
         lines += cost_lines(name, cfg, gflops, world, steps, gpu_key)
@@ -72,7 +71,7 @@ def trace_semi_ops(cfg: Config) -> str:
             f"tensors through the {chosen} ops")
 
 
-def steps_per_epoch(name: str, cfg: Config, world: int) -> tuple[int, int, str]:
+def steps_per_epoch(spec: StageSpec, cfg: Config, world: int) -> tuple[int, int, str]:
     """(steps, images per epoch, the assumption made when the data is not on this machine, else "")."""
     from dataloading import describe_data
 
@@ -88,14 +87,9 @@ def steps_per_epoch(name: str, cfg: Config, world: int) -> tuple[int, int, str]:
         counts = {"labelled": labelled, "unlabelled": cm.IMAGENET_TRAIN - labelled}
         assumed = (f"assumed ImageNet-1k train, {cm.IMAGENET_TRAIN:,} images split by data.label_fraction: "
                    f"data not available here ({str(err).split(':')[0]})")
-    per_step = cfg.data.batch_size * world * cfg.optim.accum_steps
-    if name == "semi":
-        per_step *= cfg.semi.mu
-        n = counts["unlabelled"]
-    elif name == "pretrain":
-        n = counts["labelled"] + counts["unlabelled"]
-    else:
-        n = counts["labelled"]
+    per_step = per_process_batch(spec.epoch, cfg) * world * cfg.optim.accum_steps
+    # pre-training reads every train image, labelled or not
+    n = counts["labelled"] + counts["unlabelled"] if spec.epoch == "pretrain" else counts[spec.epoch]
     return n // per_step, n, assumed
 
 
@@ -107,7 +101,8 @@ def memory_lines(name: str, cfg: Config, model, world: int, gpu_key: str) -> lis
     plain = cm.memory_rows(name, cfg, params, trainable, world, act, checkpointing=False)
     ckpt = cm.memory_rows(name, cfg, params, trainable, world, act, checkpointing=True)
     what = "bf16 autocast" if act == 2 else "fp32"
-    images = f"{cfg.data.batch_size} + {student - cfg.data.batch_size}" if name == "semi" else f"{student}"
+    mixed = "unlabelled" in STAGE_SPECS[name].streams  # labelled + unlabelled images in one forward
+    images = f"{cfg.data.batch_size} + {student - cfg.data.batch_size}" if mixed else f"{student}"
     lines = [f"  memory per GPU    GiB, {what}, {images} images per micro-step, {world} process(es), "
              f"dist.strategy = {cfg.dist.strategy}; the totals add every row: an upper bound of the peak"]
     per_rank = []

@@ -12,27 +12,28 @@ from dataloading.exclude import resolve
 from dataloading.splits import resolve_index_file as resolve_index
 from engine.config import Config, RunPlan
 from engine.errors import UserError
-
-TRAINING = ("baseline", "pretrain", "finetune", "semi")
+from engine.stages.specs import STAGE_SPECS, StageSpec, per_process_batch
 
 
 def preflight(plan: RunPlan) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     counts: dict[str, dict] = {}  # describe_data per distinct data section (a folder scan each)
     for i, (name, cfg) in enumerate(plan.stages.items()):
-        check_paths(name, cfg, first=i == 0)
-        if name in TRAINING:
+        spec = STAGE_SPECS[name]
+        check_paths(spec, cfg, first=i == 0)
+        if spec.trains:
             key = repr(cfg.data)
             if key not in counts:
                 counts[key] = describe_data(cfg.data)
-            check_sizes(name, cfg, counts[key], world)
+            check_sizes(spec, cfg, counts[key], world)
 
 
-def check_paths(stage: str, cfg: Config, first: bool) -> None:
+def check_paths(spec: StageSpec, cfg: Config, first: bool) -> None:
     d = cfg.data
     if d.source == "imagefolder":
-        subs = {"eval": (d.val_dir,), "pseudo_label": (d.train_dir,)}.get(stage, (d.train_dir, d.val_dir))
-        for sub in subs:
+        folders = [d.train_dir] if any(s != "evaluation" for s in spec.streams) else []  # its training streams
+        folders += [d.val_dir] if "evaluation" in spec.streams else []
+        for sub in folders:
             path = Path(d.root) / sub
             if not path.is_dir():
                 raise UserError(f"data folder '{path}' not found: data.root must hold {d.train_dir}/ and "
@@ -47,7 +48,7 @@ def check_paths(stage: str, cfg: Config, first: bool) -> None:
             raise UserError(f"data.exclude: '{d.exclude}' not found: write it with python -m dataloading.validate "
                             f"{d.root} --out {d.exclude}, or set data.exclude = \"\"")
         resolve_loader(d, "cpu")  # data.loader = 'dali' without DALI installed fails here
-    uses_checkpoint = stage in ("eval", "pseudo_label")
+    uses_checkpoint = not spec.trains  # eval, pseudo_label: eval.checkpoint, not model.init
     if first and cfg.model.init and not uses_checkpoint and not Path(cfg.model.init).is_file():
         raise UserError(f"model.init: checkpoint '{cfg.model.init}' not found: fix the path, or set --model.init \"\" "
                         f"to start from random weights")
@@ -60,15 +61,14 @@ def check_paths(stage: str, cfg: Config, first: bool) -> None:
                         f"the run folder) or \"\"")
 
 
-def check_sizes(stage: str, cfg: Config, n: dict, world: int) -> None:
-    """Class count and, per stream the stage reads, at least one full batch per process (the labelled
+def check_sizes(spec: StageSpec, cfg: Config, n: dict, world: int) -> None:
+    """Class count and, per stream the stage trains on, at least one full batch per process (the labelled
     stream repeats itself when smaller, so it only needs one image)."""
+    stage = spec.name
     if n["num_classes"] != cfg.model.num_classes:
         raise UserError(f"[{stage}] the data has {n['num_classes']} classes but model.num_classes = "
                         f"{cfg.model.num_classes}: set --model.num_classes {n['num_classes']}")
-    bs = cfg.data.batch_size
-    need = {"pretrain": [("pretrain", bs)], "semi": [("labelled", 1), ("unlabelled", cfg.semi.mu * bs)]}.get(
-        stage, [("labelled", 1)])
+    need = [(s, 1 if s == "labelled" else per_process_batch(s, cfg)) for s in spec.streams if s != "evaluation"]
     for stream, size in need:
         if n[stream] // world < size:
             knob = "semi.mu or data.batch_size" if stream == "unlabelled" else "data.batch_size"

@@ -11,6 +11,7 @@ matplotlib.use("Agg")  # files only: no display on servers
 import matplotlib.pyplot as plt  # noqa: E402
 
 from engine.profiling import format_table  # noqa: E402
+from engine.stages.specs import STAGE_SPECS  # noqa: E402
 
 PLOTS = {
     "accuracy": ("eval", ("top1", "teacher_top1"), "top-1 (%)"),
@@ -58,27 +59,29 @@ def comparison_table(results: dict) -> str:
     def fmt(v):
         return f"{v:.2f}%" if isinstance(v, (int, float)) else "-"
 
-    pretrained = "pretrain" in stages or "baseline" in stages
-    labels = {"baseline": "supervised only, no pre-training",
-              "finetune": "supervised only, MAE init" if pretrained else "supervised only (fine-tune)",
-              "semi": "Semi-ViT (semi)", "eval": "evaluated checkpoint"}
     for name, s in stages.items():
         if "recon_loss" in s:
             rows.append(("MAE pre-training: masked recon. loss", f"{s['recon_loss']:.4f}", ""))
         if "top1" in s:
-            rows.append((labels.get(name, name), fmt(s.get("top1")), fmt(s.get("teacher_top1"))))
+            rows.append((stage_label(name, stages), fmt(s.get("top1")), fmt(s.get("teacher_top1"))))
     teacher = lambda s: s.get("teacher_top1", s["top1"])  # noqa: E731 - what the run deploys
-    if "baseline" in stages and "finetune" in stages and "pretrain" in stages:
-        gain = teacher(stages["finetune"]) - teacher(stages["baseline"])
-        rows.append(("MAE pre-training gain", "", f"{gain:+.2f} points"))
-    if "finetune" in stages and "semi" in stages:
-        sup = teacher(stages["finetune"])
-        gain = stages["semi"].get("teacher_top1", stages["semi"]["top1"]) - sup
-        rows.append(("semi-supervised gain", "", f"{gain:+.2f} points"))
+    for spec in STAGE_SPECS.values():  # in the table's order: pre-training's gain before the semi step's
+        gain = spec.report.gain if spec.report is not None else None
+        if gain and spec.name in stages and gain.over in stages and all(n in stages for n in gain.needs):
+            rows.append((gain.title, "", f"{teacher(stages[spec.name]) - teacher(stages[gain.over]):+.2f} points"))
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |" for r in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def stage_label(name: str, stages: dict) -> str:
+    """The stage's line in the comparison table (some read differently beside another stage)."""
+    spec = STAGE_SPECS.get(name)
+    if spec is None or spec.report is None:
+        return name
+    beside = [label for other, label in spec.report.label_beside.items() if other in stages]
+    return beside[0] if beside else spec.report.label
 
 
 def write_report(run_dir: Path, results: dict) -> None:

@@ -12,7 +12,8 @@ from engine.header import run_header
 from engine.preflight import preflight
 from engine.report import comparison_table, write_report
 from engine.runtime import setup_runtime
-from engine.stages.runner import run_stage
+from engine.stages.runner import finished_stage
+from engine.stages.specs import STAGE_SPECS
 
 
 def run_plan(plan: RunPlan, run_dir: Path) -> dict:
@@ -29,7 +30,9 @@ def run_plan(plan: RunPlan, run_dir: Path) -> dict:
         results: dict = {"stages": {}}
         carry = None
         for name, cfg in plan.stages.items():
-            summary, carry = run_stage(name, cfg, rt, run_dir, carry)
+            spec = STAGE_SPECS[name]
+            summary, carry = (finished_stage(spec, cfg, rt, run_dir, carry)
+                              or spec.run(spec, cfg, rt, run_dir, carry))
             results["stages"][name] = summary
             if rt.is_main:
                 scores = [f"{k} {summary[k]:.4g}" for k in ("top1", "teacher_top1", "recon_loss") if k in summary]

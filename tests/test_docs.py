@@ -11,7 +11,7 @@ import typing
 from pathlib import Path
 
 from engine.config.load import apply_override
-from engine.config.sections import STAGES
+from engine.stages.specs import STAGE_SPECS
 from engine.config.tree import Config
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -131,7 +131,7 @@ def test_every_documented_key_works_as_a_flag_and_as_a_one_stage_flag():
 
 def test_the_config_page_names_every_stage():
     text = CONFIG_PAGE.read_text()
-    assert not [s for s in STAGES if f"`{s}`" not in text], "docs/config.md must name every stage of run.stages"
+    assert not [s for s in STAGE_SPECS if f"`{s}`" not in text], "docs/config.md must name every stage of run.stages"
 
 
 def test_every_config_key_the_docs_mention_exists():
@@ -145,7 +145,7 @@ def test_every_config_key_the_docs_mention_exists():
             named += [t for t in QUOTED_KEY.findall(line) if looks_like_key(t, sections)]
             for key in named:
                 parts = key.split(".")
-                if parts[0] == "stages" and len(parts) >= 4 and parts[1] in STAGES:
+                if parts[0] == "stages" and len(parts) >= 4 and parts[1] in STAGE_SPECS:
                     parts = parts[2:]  # stages.<stage>.<section>.<key>: that stage only
                 if ".".join(parts) not in keys:
                     bad.append(f"{path.relative_to(ROOT)}:{number}: {key}")

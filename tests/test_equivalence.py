@@ -81,14 +81,15 @@ def train_steps(stage_name: str, rank: int, world: int, strategy: str = "ddp") -
     from engine.stages.finetune import FinetuneStage
     from engine.sharding import full_state_dict
     from engine.stages.runner import build_student, shard_stage, stage_data, wrap_for_training
+    from engine.stages.specs import STAGE_SPECS
     from engine.stages.semi import SemiStage
 
     accum = 2 if stage_name == "finetune" else 1  # accumulation: no gradient sync on the first micro-step
     cfg = plan(stage_name, ("optim.accum_steps", str(accum)), ("dist.strategy", strategy))
     fsdp = strategy == "fsdp" and world > 1
     rt = Runtime(device=torch.device("cpu"), dtype=None, rank=rank, world_size=world)
-    data = stage_data(cfg, rt, stage_name)
-    student, _ = build_student(stage_name, cfg, rt, None)
+    data = stage_data(cfg, rt, STAGE_SPECS[stage_name])
+    student, _ = build_student(STAGE_SPECS[stage_name], cfg, rt, None)
     init = {k: v.clone() for k, v in student.state_dict().items()}
     forward = student if fsdp else wrap_for_training(student, cfg, rt)
     if stage_name == "finetune":
@@ -119,6 +120,7 @@ def evaluation(rank: int, world: int, strategy: str = "ddp") -> dict:
     from engine.runtime import Runtime, seed_everything
     from engine.stages.evaluate import evaluate
     from engine.stages.runner import stage_data
+    from engine.stages.specs import STAGE_SPECS
 
     cfg = plan("eval")
     rt = Runtime(device=torch.device("cpu"), dtype=None, rank=rank, world_size=world)
@@ -128,7 +130,7 @@ def evaluation(rank: int, world: int, strategy: str = "ddp") -> dict:
         from engine.sharding import shard_module
 
         shard_module(model, rt)
-    return evaluate(model, stage_data(cfg, rt, "eval").evaluation, rt)
+    return evaluate(model, stage_data(cfg, rt, STAGE_SPECS["eval"]).evaluation, rt)
 
 
 class FixedStream:

@@ -221,6 +221,7 @@ def test_one_semi_step_gives_the_same_loss_and_teacher_with_torch_and_native():
     from engine.runtime import Runtime
     from engine.stages.loop import optimizer_step
     from engine.stages.runner import build_student, stage_data, wrap_for_training
+    from engine.stages.specs import STAGE_SPECS
     from engine.stages.semi import SemiStage
 
     demo = ROOT / "configs" / "digits.toml"
@@ -231,8 +232,8 @@ def test_one_semi_step_gives_the_same_loss_and_teacher_with_torch_and_native():
     for backend in ("torch", "native"):
         dispatch.set_default(backend)
         torch.manual_seed(0)
-        data = stage_data(cfg, rt, "semi")
-        student, _ = build_student("semi", cfg, rt, None)
+        data = stage_data(cfg, rt, STAGE_SPECS["semi"])
+        student, _ = build_student(STAGE_SPECS["semi"], cfg, rt, None)
         stage = SemiStage(cfg, data, student, wrap_for_training(student, cfg, rt))
         logger = _LossSink()
         optimizer = build_optimizer(student, cfg.optim, 1e-3)

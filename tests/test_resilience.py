@@ -215,3 +215,16 @@ def test_full_disk_during_a_sharded_save_keeps_the_previous_checkpoint_folder(tm
     monkeypatch.setattr(dcp, "save", real_save)
     assert main([*args, "--checkpoint.resume", "auto"]) == 0
     assert "resumed at step 3/9" in capsys.readouterr().out
+
+
+def test_a_stage_resumed_at_its_last_step_evaluates_and_finishes(tmp_path):
+    """Killed after the last rolling checkpoint but before <stage>-final.pt: the resumed run trains no step,
+    evaluates once (into the still-open metrics log) and writes the final checkpoint."""
+    args = [*FINETUNE, "--schedule.max_steps", "3", "--out", str(tmp_path)]
+    assert main(args) == 0
+    (tmp_path / "checkpoints" / "finetune-final.pt").unlink()
+    assert main([*args, "--checkpoint.resume", "auto"]) == 0
+    assert (tmp_path / "checkpoints" / "finetune-final.pt").is_file()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if r["kind"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 3] and evals[0]["top1"] == evals[1]["top1"]

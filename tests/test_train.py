@@ -19,6 +19,7 @@ from engine.session import run_plan
 from engine.stages import loop as loop_mod
 from engine.stages.common import EmaTeacher
 from engine.stages.runner import build_student, stage_data, wrap_for_training
+from engine.stages.specs import STAGE_SPECS
 from engine.stages.semi import SemiStage
 from engine.train import main
 from kernels import soft_target_cross_entropy_reference
@@ -83,8 +84,8 @@ def _semi_stage(plan_overrides=(), teacher_from=None):
     plan = plan_with(*plan_overrides, stages="semi")
     cfg = plan.stages["semi"]
     rt = Runtime(device=torch.device("cpu"), dtype=None)
-    data = stage_data(cfg, rt, "semi")
-    student, _ = build_student("semi", cfg, rt, None)
+    data = stage_data(cfg, rt, STAGE_SPECS["semi"])
+    student, _ = build_student(STAGE_SPECS["semi"], cfg, rt, None)
     return SemiStage(cfg, data, student, wrap_for_training(student, cfg, rt), teacher_state=teacher_from), cfg
 
 
@@ -92,7 +93,7 @@ def test_semi_teacher_starts_from_the_finetune_ema():
     plan = plan_with(stages="semi")
     cfg = plan.stages["semi"]
     rt = Runtime(device=torch.device("cpu"), dtype=None)
-    ema_source, _ = build_student("semi", cfg, rt, None)
+    ema_source, _ = build_student(STAGE_SPECS["semi"], cfg, rt, None)
     with torch.no_grad():
         for p in ema_source.parameters():
             p.mul_(0.5)
@@ -110,13 +111,13 @@ def test_semi_teacher_starts_from_an_original_checkpoints_model_ema(tmp_path):
     plan = plan_with(stages="semi")
     cfg = plan.stages["semi"]
     rt = Runtime(device=torch.device("cpu"), dtype=None)
-    model, _ = build_student("semi", cfg, rt, None)
+    model, _ = build_student(STAGE_SPECS["semi"], cfg, rt, None)
     ema = {k: v * 0.5 if v.is_floating_point() else v for k, v in model.state_dict().items()}
     path = tmp_path / "checkpoint-99.pth"
     torch.save({"model": model.state_dict(), "model_ema": ema, "optimizer": {}, "epoch": 99,
                 "args": argparse.Namespace(model="vit_base_patch16")}, path)
     cfg = load_plan(DEMO, [("run.stages", "semi"), *FAST, ("model.init", str(path))]).stages["semi"]
-    student, teacher_state = build_student("semi", cfg, rt, None)
+    student, teacher_state = build_student(STAGE_SPECS["semi"], cfg, rt, None)
     assert teacher_state is not None
     for k, v in ema.items():
         assert torch.equal(teacher_state[k], v), k
@@ -319,7 +320,7 @@ def test_imagefolder_finetune_and_semi_end_to_end(tmp_path):
 def test_compile_switch_wraps_the_forward_but_not_the_weights():
     cfg = plan_with(("run.compile", "true"), stages="finetune").stages["finetune"]
     rt = Runtime(device=torch.device("cpu"), dtype=None)
-    student, _ = build_student("finetune", cfg, rt, None)
+    student, _ = build_student(STAGE_SPECS["finetune"], cfg, rt, None)
     forward = wrap_for_training(student, cfg, rt)
     assert forward is not student and getattr(forward, "_orig_mod", None) is student
     assert not any(k.startswith("_orig_mod") for k in student.state_dict())  # checkpoints stay loadable
@@ -344,10 +345,10 @@ def test_baseline_differs_from_the_pretrained_path_only_in_pretraining():
     plan = load_plan(DEMO, [])
     assert plan.stages["baseline"] == plan.stages["finetune"]  # the demo's recipe is the same for both
     rt = Runtime(device=torch.device("cpu"), dtype=None)
-    model, teacher = build_student("baseline", plan.stages["baseline"], rt, None)
+    model, teacher = build_student(STAGE_SPECS["baseline"], plan.stages["baseline"], rt, None)
     assert teacher is None and model.pos_embed.requires_grad
     torch.testing.assert_close(model.pos_embed[0].detach(), get_2d_sincos_pos_embed(64, 4, cls_token=True))
-    fresh, _ = build_student("finetune", plan.stages["finetune"], rt, None)
+    fresh, _ = build_student(STAGE_SPECS["finetune"], plan.stages["finetune"], rt, None)
     assert not torch.equal(fresh.pos_embed, model.pos_embed)  # a plain fresh ViT keeps its learned-table init
 
 

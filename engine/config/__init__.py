@@ -5,7 +5,7 @@ The sections and the Config tree are the project's bottom layer (they import not
 """
 
 from engine.config.sections import (
-    STAGES, AugmentConfig, CheckpointConfig, DataConfig, DistConfig, EmaConfig, EvalConfig, LoggingConfig,
+    AugmentConfig, CheckpointConfig, DataConfig, DistConfig, EmaConfig, EvalConfig, LoggingConfig,
     MaeConfig, ModelConfig, OptimConfig, ProfileConfig, RunConfig, ScheduleConfig, SemiConfig,
 )
 from engine.config.tree import Config, build_dataclass
@@ -13,7 +13,7 @@ from engine.config.tree import Config, build_dataclass
 _FROM_LOAD = ("RunPlan", "dump_toml", "load_plan", "read_toml")
 
 __all__ = [
-    "STAGES", "AugmentConfig", "CheckpointConfig", "Config", "DataConfig", "DistConfig", "EmaConfig",
+    "AugmentConfig", "CheckpointConfig", "Config", "DataConfig", "DistConfig", "EmaConfig",
     "EvalConfig", "LoggingConfig", "MaeConfig", "ModelConfig", "OptimConfig", "ProfileConfig", "RunConfig", "RunPlan",
     "ScheduleConfig", "SemiConfig", "build_dataclass", "dump_toml", "load_plan", "read_toml",
 ]

@@ -18,18 +18,10 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.config.sections import STAGES
+from engine.config.sections import one_of
 from engine.config.tree import Config, build_dataclass, field_type, to_dict, unknown_key_error
 from engine.errors import ConfigError, UserError
-
-
-# Defaults that differ by stage sit beneath the file (file and command line still win). MAE
-# pre-training: AdamW betas (0.9, 0.95), base lr 1.5e-4, no layer decay, 40 warm-up epochs, crops
-# of 20-100 % of the image.
-STAGE_DEFAULTS = {
-    "pretrain": {"optim": {"blr": 1.5e-4, "betas": [0.9, 0.95], "layer_decay": 1.0},
-                 "schedule": {"warmup_epochs": 40.0}, "augment": {"crop_scale": [0.2, 1.0]}},
-}
+from engine.stages.specs import STAGE_SPECS
 
 
 @dataclass
@@ -45,9 +37,10 @@ class RunPlan:
         loading the file gives back exactly these stage configs."""
         tree = to_dict(self.base)
         tables = {}
-        # the baseline is written relative to the fine-tune table it is loaded on top of
-        for name, cfg in sorted(self.stages.items(), key=lambda item: item[0] == "baseline"):
-            beneath = deep_merge(tree, tables.get("finetune", {})) if name == "baseline" else tree
+        # a stage loaded on top of another's table (the baseline: fine-tune's) is written relative to it
+        for name, cfg in sorted(self.stages.items(), key=lambda item: bool(STAGE_SPECS[item[0]].config_from)):
+            config_from = STAGE_SPECS[name].config_from
+            beneath = deep_merge(tree, tables.get(config_from, {})) if config_from else tree
             diff = dict_diff(to_dict(cfg), beneath)
             if diff:
                 tables[name] = diff
@@ -126,8 +119,8 @@ def apply_override(tree: dict, key: str, text: str) -> None:
     if parts[0] == "stages":
         if len(parts) < 4:
             raise ConfigError(key, "stage overrides look like --stages.<stage>.<section>.<key> VALUE")
-        if parts[1] not in STAGES:
-            raise unknown_key_error(parts[1], "stages", list(STAGES))
+        if parts[1] not in STAGE_SPECS:
+            raise unknown_key_error(parts[1], "stages", list(STAGE_SPECS))
         tp = field_type(Config, parts[2:], key)
     else:
         if len(parts) < 2:
@@ -149,14 +142,17 @@ def load_plan(path: str | Path, overrides: list[tuple[str, str]] = ()) -> RunPla
     if not isinstance(stage_tables, dict):
         raise ConfigError("stages", "must be a table of per-stage overrides, e.g. [stages.semi.optim]")
     for name in stage_tables:
-        if name not in STAGES:
-            raise unknown_key_error(name, "stages", list(STAGES))
+        if name not in STAGE_SPECS:
+            raise unknown_key_error(name, "stages", list(STAGE_SPECS))
     base = build_dataclass(Config, tree)
+    check_stage_names(base.run.stages)
     stages = {}
     for name in base.run.stages:
-        merged = deep_merge(STAGE_DEFAULTS.get(name, {}), tree)
-        if name == "baseline":  # the comparison run is the fine-tune recipe, from random weights
-            merged = deep_merge(merged, stage_tables.get("finetune", {}))
+        spec = STAGE_SPECS[name]
+        # beneath the file: the stage's own defaults (e.g. MAE's optimizer), then the table it is built on
+        merged = deep_merge(spec.config_base, tree)
+        if spec.config_from:  # the baseline: the fine-tune recipe, from random weights
+            merged = deep_merge(merged, stage_tables.get(spec.config_from, {}))
         merged = deep_merge(merged, stage_tables.get(name, {}))
         try:
             stages[name] = build_dataclass(Config, merged)
@@ -164,6 +160,15 @@ def load_plan(path: str | Path, overrides: list[tuple[str, str]] = ()) -> RunPla
             # Name the stage table when the bad value came from it.
             raise (err.under(f"stages.{name}") if _from_stage(err.key, stage_tables.get(name, {})) else err)
     return RunPlan(source=str(path), base=base, stages=stages)
+
+
+def check_stage_names(names: list[str]) -> None:
+    """run.stages lists only stages of the table (engine.stages.specs)."""
+    for name in names:
+        try:
+            one_of("stages", name, tuple(STAGE_SPECS))
+        except ConfigError as err:
+            raise err.under("run") from None
 
 
 def _from_stage(key: str, table: dict) -> bool:

@@ -1,6 +1,6 @@
 """Stage 1: MAE self-supervised pre-training (mask 75% of the patches, reconstruct their pixels).
 
-The loop evaluates this stage with `evaluate(rt)` (masked reconstruction loss on the evaluation stream,
+This stage evaluates with `evaluate(rt)` (masked reconstruction loss on the evaluation stream,
 always the same masks) instead of top-1; `score` = -recon_loss picks the best checkpoint. The next stage
 receives only the encoder (`handoff`), with timm / MAE key names.
 """
@@ -13,14 +13,16 @@ import torch
 from torch import nn
 
 from engine.config import Config
-from engine.models.mae import encoder_state_dict
+from engine.models.mae import DECODER_KEYS
 from engine.models.mae_viz import reconstruction_grid
 from engine.runtime import Runtime
+from engine.sharding import full_state_dict
+from engine.stages.base import Stage
 
 EVAL_MASK_SEED = 1234  # the evaluation masks never change between evaluations (per rank: + rank)
 
 
-class PretrainStage:
+class PretrainStage(Stage):
     name = "pretrain"
 
     def __init__(self, cfg: Config, data, student: nn.Module, forward_model: nn.Module,
@@ -29,10 +31,14 @@ class PretrainStage:
             raise ValueError("PretrainStage needs the 'pretrain' stream: build the data with need=('pretrain',)")
         self.cfg, self.data = cfg, data
         self.student, self.forward_model = student, forward_model  # student: the MaskedAutoencoder
-        self.teacher = None
         self.eval_stream = data.evaluation
         self.viz_dir = Path(viz_dir) if viz_dir is not None else None  # where evaluate() saves a picture
         self.evaluations = 0
+
+    @classmethod
+    def for_run(cls, name: str, cfg: Config, data, student: nn.Module, forward_model: nn.Module, *,
+                run_dir: Path, **_) -> Stage:
+        return cls(cfg, data, student, forward_model, viz_dir=run_dir)
 
     def micro_batches_per_epoch(self) -> int:
         return len(self.data.pretrain)
@@ -40,22 +46,13 @@ class PretrainStage:
     def batches(self, epoch: int, start: int):
         return iter(self.data.pretrain.epoch(epoch, start))
 
-    def prepare(self, batch):
-        return batch  # nothing runs without gradients before the forward
-
     def loss(self, batch):
         images, _ = batch  # (B, C, H, W); labels are not used
         loss, _, _ = self.forward_model(images)  # masks drawn from the (per-rank, resumable) torch RNG
         return loss, {"loss": loss.detach()}, images.shape[0]
 
-    def after_step(self) -> None:
-        pass
-
-    def derive(self, record: dict) -> dict:
-        return record
-
     def eval_models(self) -> dict[str, nn.Module]:
-        return {}  # no classifier to score: the loop calls evaluate() instead
+        return {}  # no classifier to score: evaluate() measures the reconstruction instead
 
     @torch.no_grad()
     def evaluate(self, rt: Runtime) -> dict[str, float]:
@@ -85,13 +82,7 @@ class PretrainStage:
         self.evaluations += 1
         return {"recon_loss": recon, "score": -recon}
 
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
     @property
     def handoff(self) -> dict:
-        """What fine-tuning starts from: the encoder only (no mask token, no decoder)."""
-        return {"model": encoder_state_dict(self.student)}
+        """What fine-tuning starts from: the encoder only (no mask token, no decoder), unsharded."""
+        return {"model": {k: v for k, v in full_state_dict(self.student).items() if not k.startswith(DECODER_KEYS)}}

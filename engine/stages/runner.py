@@ -1,7 +1,8 @@
-"""Run one stage end to end: data, model, initialisation, resume, training, final checkpoint.
+"""How a stage of the plan runs (each row of engine.stages.specs names one of these): `train_stage` (data,
+model, initialisation, resume, the steps, the final checkpoint), `run_eval`, `run_pseudo_label`.
 
 Stages hand their weights to the next through `carry` ({"model": ..., "ema": ...}); a stage that
-already finished (its `<stage>-final.pt` exists) is skipped on `--checkpoint.resume auto`.
+already finished (its `<stage>-final.pt` exists) is skipped on `--checkpoint.resume auto` (`finished_stage`).
 """
 
 from __future__ import annotations
@@ -18,24 +19,17 @@ from engine import checkpoint as ckpt
 from engine.config import Config
 from engine.errors import UserError
 from engine.models.build import build_model, init_from_checkpoint, load_weights
-from engine.models.mae import DECODER_KEYS, build_mae
 from engine.runtime import Runtime, seed_everything
-from engine.sharding import full_state_dict, shard_module
+from engine.sharding import shard_module
+from engine.stages.base import Stage
 from engine.stages.evaluate import evaluate_models
-from engine.stages.finetune import FinetuneStage
-from engine.stages.loop import run_training
-from engine.stages.pretrain import PretrainStage
-from engine.stages.semi import SemiStage
+from engine.stages.loop import train_steps
 
-STREAMS = {"pretrain": ("pretrain", "evaluation"), "finetune": ("labelled", "evaluation"),
-           "baseline": ("labelled", "evaluation"), "semi": ("labelled", "unlabelled", "evaluation"),
-           "eval": ("evaluation",)}
-
-
-def stage_data(cfg: Config, rt: Runtime, stage: str):
+def stage_data(cfg: Config, rt: Runtime, spec):
+    """The data streams `spec` reads, checked against the model's classes and channels."""
     data = build_data(cfg.data, cfg.augment, img_size=cfg.model.img_size, batch_size=cfg.data.batch_size,
                       unlabelled_batch_size=cfg.semi.mu * cfg.data.batch_size, seed=cfg.run.seed,
-                      rank=rt.rank, world_size=rt.world_size, device=rt.device, need=STREAMS[stage])
+                      rank=rt.rank, world_size=rt.world_size, device=rt.device, need=spec.streams)
     if data.num_classes != cfg.model.num_classes:
         raise UserError(f"the data has {data.num_classes} classes but model.num_classes = {cfg.model.num_classes}: "
                         f"set --model.num_classes {data.num_classes}")
@@ -57,93 +51,67 @@ def wrap_for_training(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
     return forward
 
 
-def shard_stage(stage, cfg: Config, rt: Runtime) -> None:
+def shard_stage(stage: Stage, cfg: Config, rt: Runtime) -> None:
     """FSDP2: the student and its teacher sharded alike (the teacher is copied from the unsharded student
     first), the EMA re-pointed at the local shards, then torch.compile when asked."""
     shard_module(stage.student, rt)
-    if getattr(stage, "ema", None) is not None:
+    if stage.ema is not None:
         shard_module(stage.ema.module, rt)
         stage.ema.refresh()
     stage.forward_model = torch.compile(stage.student) if cfg.run.compile else stage.student
 
 
-def full_weights(stage) -> dict:
-    """What the next stage starts from, unsharded on every rank (a collective under FSDP2)."""
-    out = {"model": full_state_dict(stage.student)}
-    if stage.name == "pretrain":  # fine-tuning starts from the encoder alone
-        out["model"] = {k: v for k, v in out["model"].items() if not k.startswith(DECODER_KEYS)}
-    if stage.teacher is not None:
-        out["ema"] = full_state_dict(stage.teacher)
-    return out
-
-
-def build_student(name: str, cfg: Config, rt: Runtime, carry: dict | None) -> tuple[nn.Module, dict | None]:
+def build_student(spec, cfg: Config, rt: Runtime, carry: dict | None) -> tuple[nn.Module, dict | None]:
     """The stage's starting weights: the previous stage's, else model.init, else a fresh init."""
     seed_everything(cfg.run.seed)  # identical init on every rank
-    model = build_mae(cfg.model, cfg.mae) if name == "pretrain" else build_model(cfg.model)
+    model = spec.model.build(cfg)
     teacher_state = None
     if carry is not None:
         load_weights(model, carry["model"], "the previous stage", verbose=rt.is_main)
         teacher_state = carry.get("ema")
     elif cfg.model.init:
         teacher_state = init_from_checkpoint(model, cfg.model.init, verbose=rt.is_main)
-    if name == "baseline":
-        # The comparison must differ from the pre-trained path only in pre-training: MAE's encoder init
-        # (xavier linears, as every fresh ViT here) includes the sin-cos position table, learnable or not.
-        model.init_pos_embed("sincos")
     return model.to(rt.device), teacher_state
 
 
-def run_stage(name: str, cfg: Config, rt: Runtime, run_dir: Path, carry: dict | None) -> tuple[dict, dict]:
-    folder = run_dir / "checkpoints"
-    final_path = folder / f"{name}-final.pt"
-    if cfg.checkpoint.resume == "auto" and final_path.is_file():
-        done = ckpt.safe_load(final_path)
-        if rt.is_main:
-            print(f"[{name}] already finished in this run folder: skipping (delete {final_path} to rerun)")
-        if name == "baseline":
-            return done["result"], carry
-        return done["result"], {k: done[k] for k in ("model", "ema") if k in done}
-    if name == "eval":
-        return run_eval(cfg, rt, carry), carry or {}
-    if name == "pseudo_label":
-        return run_pseudo_label(cfg, rt, run_dir, carry), carry or {}
-
-    if name == "baseline":  # from random weights; the next stage starts from what came before it
-        summary, _ = train_stage(name, dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init="")),
-                                 rt, run_dir, None)
-        return summary, carry
-    return train_stage(name, cfg, rt, run_dir, carry)
+def finished_stage(spec, cfg: Config, rt: Runtime, run_dir: Path, carry: dict | None) -> tuple[dict, dict] | None:
+    """On --checkpoint.resume auto, a stage whose <stage>-final.pt exists: its summary and what it handed on."""
+    final_path = run_dir / "checkpoints" / f"{spec.name}-final.pt"
+    if cfg.checkpoint.resume != "auto" or not final_path.is_file():
+        return None
+    done = ckpt.safe_load(final_path)
+    if rt.is_main:
+        print(f"[{spec.name}] already finished in this run folder: skipping (delete {final_path} to rerun)")
+    if spec.side_run:
+        return done["result"], carry
+    return done["result"], {k: done[k] for k in ("model", "ema") if k in done}
 
 
-def train_stage(name: str, cfg: Config, rt: Runtime, run_dir: Path, carry: dict | None) -> tuple[dict, dict]:
-    folder = run_dir / "checkpoints"
-    data = stage_data(cfg, rt, name)
-    student, teacher_state = build_student(name, cfg, rt, carry)
+def train_stage(spec, cfg: Config, rt: Runtime, run_dir: Path, carry: dict | None) -> tuple[dict, dict]:
+    """One training stage: data, model, the stage object, resume, the steps, the final checkpoint."""
+    if spec.side_run:  # from random weights; the next stage starts from what came before it
+        cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, init=""))
+    data = stage_data(cfg, rt, spec)
+    student, teacher_state = build_student(spec, cfg, rt, None if spec.side_run else carry)
     seed_everything(cfg.run.seed + 1000 * rt.rank)  # per-rank randomness for mixup and drop-path
     fsdp = cfg.dist.strategy == "fsdp" and rt.distributed
     forward = student if fsdp else wrap_for_training(student, cfg, rt)
-    if name == "pretrain":
-        stage = PretrainStage(cfg, data, student, forward, viz_dir=run_dir)
-    elif name in ("finetune", "baseline"):
-        stage = FinetuneStage(cfg, data, student, forward, name=name)
-    else:
-        stage = SemiStage(cfg, data, student, forward, teacher_state)
-        if teacher_state is None and rt.is_main:
-            print("[semi] no EMA in the starting checkpoint: the teacher starts as a copy of the student")
+    stage = spec.stage.for_run(spec.name, cfg, data, student, forward, teacher_state=teacher_state, run_dir=run_dir,
+                               rt=rt)
     if fsdp:
         shard_stage(stage, cfg, rt)
-    resume = find_resume(cfg, folder, name)
+    resume = find_resume(cfg, run_dir / "checkpoints", spec.name)
     t0 = time.perf_counter()
-    result = run_training(stage, cfg, rt, run_dir, stage.forward_model, resume)
+    result = train_steps(stage, cfg, rt, run_dir, resume)
     summary = {**result["final"], "best_score": result["best"]["score"], "best_step": result["best"].get("step"),
                "steps": result["steps"], "lr": result["lr"], "global_batch": result["global_batch"],
                "seconds": round(time.perf_counter() - t0, 2)}
     if "profile" in result:  # --profile.steps: the per-phase table (report.md shows it too)
         summary["profile"] = result["profile"]
-    handoff = stage.handoff if not fsdp else full_weights(stage)
-    rt.main_only(lambda: ckpt.atomic_save({"stage_name": name, "result": summary, **handoff}, folder / f"{name}-final.pt"))
-    return summary, handoff
+    handoff = stage.handoff
+    final = {"stage_name": spec.name, "result": summary, **handoff}
+    rt.main_only(lambda: ckpt.atomic_save(final, run_dir / "checkpoints" / f"{spec.name}-final.pt"))
+    return summary, (carry if spec.side_run else handoff)
 
 
 def find_resume(cfg: Config, folder: Path, name: str) -> dict | None:
@@ -163,7 +131,7 @@ def find_resume(cfg: Config, folder: Path, name: str) -> dict | None:
     return state
 
 
-def run_eval(cfg: Config, rt: Runtime, carry: dict | None) -> dict:
+def run_eval(spec, cfg: Config, rt: Runtime, run_dir: Path, carry: dict | None) -> tuple[dict, dict]:
     """Stage "eval": top-1/top-5 of the student and (when present) the teacher of any checkpoint."""
     if cfg.eval.checkpoint:
         state = ckpt.safe_load(cfg.eval.checkpoint)
@@ -172,7 +140,7 @@ def run_eval(cfg: Config, rt: Runtime, carry: dict | None) -> dict:
         state, source = carry, "the previous stage"
     else:
         raise UserError("stage 'eval' needs a checkpoint: set --eval.checkpoint PATH (or run it after another stage)")
-    data = stage_data(cfg, rt, "eval")
+    data = stage_data(cfg, rt, spec)
     models = {}
     for role, key in (("student", "model"), ("teacher", "ema")):
         if isinstance(state.get(key), dict):
@@ -182,10 +150,10 @@ def run_eval(cfg: Config, rt: Runtime, carry: dict | None) -> dict:
     if not models:
         raise UserError(f"{source}: holds neither 'model' nor 'ema' weights: point eval.checkpoint at one of this "
                         f"engine's checkpoints (RUN/checkpoints/<stage>-final.pt) or a {{'model': state_dict}} file")
-    return evaluate_models(models, data.evaluation, rt)
+    return evaluate_models(models, data.evaluation, rt), carry or {}
 
 
-def run_pseudo_label(cfg: Config, rt: Runtime, run_dir: Path, carry: dict | None) -> dict:
+def run_pseudo_label(spec, cfg: Config, rt: Runtime, run_dir: Path, carry: dict | None) -> tuple[dict, dict]:
     """Stage "pseudo_label": the teacher of the previous stage (or eval.checkpoint) labels the unlabelled pool
     into RUN/pseudo_labels.csv. Rank 0 does the work; the file is small next to a training run."""
     from engine.inference import load_classifier
@@ -207,4 +175,4 @@ def run_pseudo_label(cfg: Config, rt: Runtime, run_dir: Path, carry: dict | None
                                        rt.device, rt.dtype)
         print(f"[pseudo_label] {describe(summary, what)}")
     rt.barrier()
-    return summary
+    return summary, carry or {}

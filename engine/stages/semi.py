@@ -17,11 +17,13 @@ from torch import nn
 
 from engine.config import Config
 from engine.profiling import phase
+from engine.runtime import Runtime
+from engine.stages.base import Stage
 from engine.stages.common import EmaTeacher, cycle, mix_labelled
 from kernels import MixedBatch, pseudo_label, pseudo_mixup, soft_target_cross_entropy
 
 
-class SemiStage:
+class SemiStage(Stage):
     name = "semi"
 
     def __init__(self, cfg: Config, data, student: nn.Module, forward_model: nn.Module,
@@ -29,8 +31,14 @@ class SemiStage:
         self.cfg, self.data = cfg, data
         self.student, self.forward_model = student, forward_model
         self.ema = EmaTeacher(student, cfg.ema.decay, init_state=teacher_state)
-        self.teacher = self.ema.module
         self.eval_stream = data.evaluation
+
+    @classmethod
+    def for_run(cls, name: str, cfg: Config, data, student: nn.Module, forward_model: nn.Module, *,
+                teacher_state: dict | None, rt: Runtime, **_) -> Stage:
+        if teacher_state is None and rt.is_main:
+            print("[semi] no EMA in the starting checkpoint: the teacher starts as a copy of the student")
+        return cls(cfg, data, student, forward_model, teacher_state)
 
     def micro_batches_per_epoch(self) -> int:
         return len(self.data.unlabelled)  # one epoch = one pass over the unlabelled set
@@ -100,19 +108,3 @@ class SemiStage:
             record["pl_recall"] = record["n_accepted_correct"] / max(record["n_correct"], 1e-9)
             record["pl_accuracy"] = record["n_correct"] / record["n_known"]
         return record
-
-    def after_step(self) -> None:
-        self.ema.update()
-
-    def eval_models(self) -> dict[str, nn.Module]:
-        return {"student": self.student, "teacher": self.teacher}
-
-    def state_dict(self) -> dict:
-        return {"ema": self.teacher.state_dict()}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.teacher.load_state_dict(state["ema"])
-
-    @property
-    def handoff(self) -> dict:
-        return {"model": self.student.state_dict(), "ema": self.teacher.state_dict()}

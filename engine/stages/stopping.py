@@ -70,3 +70,9 @@ class StopVote:
     def close(self) -> None:
         """Complete the last vote (every rank started it) before the group is left behind."""
         self._collect()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
