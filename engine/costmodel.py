@@ -25,6 +25,7 @@ import torch
 
 from engine.config import Config
 from engine.errors import UserError
+from engine.models.vit import ARCHS
 from engine.stages.specs import STAGE_SPECS, per_process_batch
 
 GIB = 2**30
@@ -135,8 +136,6 @@ def micro_batch(name: str, cfg: Config) -> tuple[int, int]:
 
 def memory_rows(name: str, cfg: Config, params: int, trainable: int, world: int, act: int,
                 checkpointing: bool) -> dict[str, int]:
-    from engine.models.vit import ARCHS
-
     spec = ARCHS[cfg.model.arch]
     m = cfg.model
     student, teacher = micro_batch(name, cfg)

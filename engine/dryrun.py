@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+import kernels
+from dataloading import describe_data
 from engine import costmodel as cm
 from engine.config import Config, RunPlan
 from engine.errors import UserError
@@ -52,8 +54,6 @@ def stage_summary(name: str, cfg: Config, gpu_key: str = cm.DEFAULT_GPU) -> list
 def trace_semi_ops(cfg: Config) -> str:
     """Run the semi step's fused ops on meta tensors of the recipe's per-process shapes (their fake
     implementations), so a shape or dtype mismatch shows here, not an hour into a GPU job."""
-    import kernels
-
     b = cfg.data.batch_size
     u, c, s = cfg.semi.mu * b, cfg.model.num_classes, cfg.model.img_size
     try:
@@ -73,8 +73,6 @@ def trace_semi_ops(cfg: Config) -> str:
 
 def steps_per_epoch(spec: StageSpec, cfg: Config, world: int) -> tuple[int, int, str]:
     """(steps, images per epoch, the assumption made when the data is not on this machine, else "")."""
-    from dataloading import describe_data
-
     assumed = ""
     try:
         counts = describe_data(cfg.data)

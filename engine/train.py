@@ -14,7 +14,9 @@ from datetime import datetime
 from pathlib import Path
 
 from engine.config import RunPlan, load_plan
+from engine.dryrun import dry_run
 from engine.errors import EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, UserError
+from engine.session import run_plan
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "digits.toml"
 
@@ -76,12 +78,8 @@ def main(argv: list[str] | None = None) -> int:
             raise UserError("--dry-run-gpu only applies to a dry run: add --dry-run")
         plan = load_plan(cfg_path, overrides)
         if args.dry_run:
-            from engine.dryrun import dry_run
-
             print(dry_run(plan, args.dry_run_gpu) if args.dry_run_gpu else dry_run(plan))
             return 0
-        from engine.session import run_plan
-
         run_plan(plan, run_folder(plan, args.out))
         return 0
     except UserError as err:

@@ -32,11 +32,6 @@ REASON = re.compile(r"#\s*(lazy|optional):\s*\S")
 HOW_TO_EXPLAIN = "move it to the top of the module, or say why on its line: '# lazy: <reason>' or " \
                  "'# optional: <dependency>'"
 
-# Files another change rewrites at the same time as this test was written: their function-local imports are
-# not checked yet. The lead moves those imports up (or gives them a reason) after merging and empties this set.
-PENDING = frozenset({"engine.costmodel", "engine.dryrun", "engine.train", "engine.stages.common",
-                     "engine.stages.evaluate", "engine.stages.runner"})
-
 
 @dataclass(frozen=True)
 class Source:
@@ -255,8 +250,8 @@ def _one_cycle(start: str, group: set[str], succ: dict[str, dict[str, Edge]]) ->
     return " -> ".join([start] + [f"{e.target} ({e.where})" for e in reversed(path)])
 
 
-def unexplained_local_imports(graph: Graph, pending: frozenset[str] = frozenset()) -> list[Edge]:
-    return [e for e in graph.edges + graph.lazy_exports if e.local and not e.explained and e.source not in pending]
+def unexplained_local_imports(graph: Graph) -> list[Edge]:
+    return [e for e in graph.edges + graph.lazy_exports if e.local and not e.explained]
 
 
 # ------------------------------------------------------------------------------------------ the project
@@ -272,16 +267,9 @@ def test_no_two_files_import_each_other_at_module_level():
 
 
 def test_every_function_local_import_of_the_project_says_why():
-    found = unexplained_local_imports(import_graph(project_sources()), PENDING)
+    found = unexplained_local_imports(import_graph(project_sources()))
     assert not found, f"function-local imports without a reason ({HOW_TO_EXPLAIN}):\n" + \
         "\n".join(str(e) for e in found)
-
-
-def test_pending_lists_only_files_that_still_have_an_unexplained_local_import():
-    sources = project_sources()
-    unexplained = {e.source for e in unexplained_local_imports(import_graph(sources))}
-    done = sorted(PENDING - unexplained)
-    assert not done, f"remove from PENDING (missing, or every local import fixed): {done}"
 
 
 def test_importing_the_bottom_layer_loads_nothing_else_of_the_project():
@@ -348,7 +336,6 @@ def test_the_checker_wants_a_reason_on_a_function_local_import_of_the_project():
     assert unexplained_local_imports(import_graph(local("  # optional: the native library"))) == []
     assert unexplained_local_imports(import_graph(local("  # lazy: start-up cost"))) == []
     assert len(unexplained_local_imports(import_graph(local("  # lazy")))) == 1  # a tag without a reason
-    assert unexplained_local_imports(import_graph(local("")), frozenset({"kernels.dispatch"})) == []
 
 
 def test_a_lazy_package_export_is_charged_to_the_module_that_imports_the_name():

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from engine.config import AugmentConfig
+from engine.sharding import local
 from kernels import MixedBatch, ema_tensors, ema_update, flatten_into_buffers, labelled_mixup
 
 
@@ -30,8 +31,6 @@ class EmaTeacher:
     def refresh(self) -> None:
         """Parameters keep their identity through training, so the tensor lists are built once, and again
         after sharding replaced them (FSDP2: each rank's local shards, updated without communication)."""
-        from engine.sharding import local
-
         self._teacher = local(ema_tensors(self.module))
         self._student = local(ema_tensors(self.student))
 

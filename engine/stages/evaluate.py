@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.runtime import Runtime
+from engine.sharding import is_sharded
 
 
 @torch.no_grad()
@@ -40,8 +41,6 @@ def evaluate(model: nn.Module, stream, rt: Runtime) -> dict[str, float]:
 def extra_forwards(model: nn.Module, stream, rt: Runtime) -> int:
     """Evaluation shards are uneven (no padded duplicates): under FSDP2 a rank with fewer batches runs
     this many extra forwards, whose outputs are discarded, so that every forward's collectives match."""
-    from engine.sharding import is_sharded
-
     if not (rt.distributed and is_sharded(model)):
         return 0
     most = torch.tensor([float(len(stream))], device=rt.device)

@@ -156,8 +156,8 @@ def run_eval(spec, cfg: Config, rt: Runtime, run_dir: Path, carry: dict | None) 
 def run_pseudo_label(spec, cfg: Config, rt: Runtime, run_dir: Path, carry: dict | None) -> tuple[dict, dict]:
     """Stage "pseudo_label": the teacher of the previous stage (or eval.checkpoint) labels the unlabelled pool
     into RUN/pseudo_labels.csv. Rank 0 does the work; the file is small next to a training run."""
-    from engine.inference import load_classifier
-    from engine.pseudo_label import describe, export_pseudo_labels
+    from engine.inference import load_classifier  # lazy: only this stage reads image files
+    from engine.pseudo_label import describe, export_pseudo_labels  # lazy: it loads the config loader, which loads this module
 
     summary: dict = {}
     if rt.is_main:
