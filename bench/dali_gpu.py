@@ -18,6 +18,7 @@ import json
 import sys
 import tempfile
 import time
+import warnings
 from datetime import date
 from pathlib import Path
 
@@ -46,17 +47,19 @@ def loader_rate(root: Path, view: str, device: torch.device, batch: int, threads
 
 
 def decode_rate(root: Path, device: torch.device, repeats: int) -> float:
-    from torchvision.io import decode_jpeg, read_file
+    with warnings.catch_warnings():  # torchvision >= 0.29 deprecates its codecs; they are this baseline
+        warnings.filterwarnings("ignore", "The image decoding and encoding", DeprecationWarning)
+        from torchvision.io import decode_jpeg, read_file
 
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    files = [read_file(str(p)) for p in sorted((root / "train").rglob("*.jpg"))]
-    decode_jpeg(files[:8], device=device)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        decode_jpeg(files, device=device)
-    sync()
-    return repeats * len(files) / (time.perf_counter() - t0)
+        sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+        files = [read_file(str(p)) for p in sorted((root / "train").rglob("*.jpg"))]
+        decode_jpeg(files[:8], device=device)
+        sync()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            decode_jpeg(files, device=device)
+        sync()
+        return repeats * len(files) / (time.perf_counter() - t0)
 
 
 def _dali_version() -> str:

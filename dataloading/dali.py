@@ -55,8 +55,8 @@ def require() -> None:
 
 def resolve_loader(data, device: torch.device | str) -> str:
     """The loader that runs: 'torch' or 'dali'. `auto` takes DALI on a CUDA device when it is installed and
-    the data is a folder (GPU decoding); on a CPU the torch loader, which measured as fast as DALI's CPU
-    pipelines on 2 cores (bench/RESULTS.md), skips unreadable files and follows timm's recipe exactly."""
+    the data is a folder (GPU decoding); on a CPU the torch loader, which is as fast as DALI's CPU
+    pipelines there (bench/RESULTS.md), skips unreadable files and follows timm's recipe exactly."""
     if data.source != "imagefolder":
         return "torch"  # the in-memory digits have nothing to decode
     if data.loader == "dali":
