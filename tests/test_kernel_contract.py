@@ -3,23 +3,32 @@ the ops pass torch's opcheck, run on the meta device and compile with fullgraph.
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
-from kernels import contract, triton_ops
-
 from kernel_cases import border_draws, ce_inputs, gen
+
+from kernels import contract, triton_ops
 
 
 @pytest.mark.parametrize("namespace", ["semivit_native", "semivit_triton"])
 def test_each_backend_registers_the_schemas_of_the_table(namespace, request):
     request.getfixturevalue("native_ops" if namespace == "semivit_native" else "triton_ns")
     expected = {name for name, op in contract.OPS.items() if namespace in op.namespaces}
-    registered = {name for name in dir(getattr(torch.ops, namespace)) if not name.startswith("_")}
-    assert expected <= registered, expected - registered
     for name in expected:
-        got = getattr(torch.ops, namespace).__getattr__(name).default._schema
+        assert hasattr(getattr(torch.ops, namespace), name), name
+        got = getattr(getattr(torch.ops, namespace), name).default._schema
         want = torch._C.parse_schema(f"{namespace}::{name}{contract.SCHEMAS[name]}")
-        assert str(got) == str(want), name
+        # some torch releases (2.11) drop the result names of a triton_op; the native library keeps them
+        names = namespace == "semivit_native" or any(r.name for r in got.returns)
+        assert _parts(got, names) == _parts(want, names), name
+
+
+def _parts(schema, result_names: bool) -> tuple[str, str]:
+    """(name and arguments, results) as the schema prints them; results without names if asked."""
+    arguments, results = str(schema).split(" -> ", 1)
+    return arguments, results if result_names else re.sub(r"(Tensor\??) \w+", r"\1", results)
 
 
 def test_the_table_names_every_op_of_the_dispatcher():
