@@ -2,9 +2,10 @@
 
 Built by the top-level ``CMakeLists.txt`` into ``build/libsemivit_native.so``; nothing here runs at
 import time of ``kernels``: ``load()`` is called lazily by the dispatchers (and by tests).
-After loading, every op gets a fake (meta) implementation, so the ops run on the meta device and
-trace under ``torch.compile(fullgraph=True)``; ``soft_target_ce``'s autograd formula is registered in C++
-(its forward writes the gradient; the backward scales it). Contract: docs/kernels.md.
+After loading, every op gets its fake (meta) implementation from ``kernels.contract``, so the ops run on
+the meta device and trace under ``torch.compile(fullgraph=True)``; ``soft_target_ce``'s autograd formula
+is registered in C++ (its forward writes the gradient; the backward scales it). Schemas:
+``kernels.contract``; semantics: docs/kernels.md.
 
 Public API: ``load``, ``available``, ``status``, ``library_path``, ``BUILD_COMMAND``.
 """
@@ -15,7 +16,8 @@ import os
 from pathlib import Path
 
 import torch
-from torch import Tensor
+
+from kernels import contract
 
 __all__ = ["BUILD_COMMAND", "available", "library_path", "load", "status"]
 
@@ -75,61 +77,7 @@ def status() -> str:
     return f"native: not built — run: {BUILD_COMMAND}"
 
 
-# ------------------------------------------------------------------------ fake impls and autograd
-
-
-def _compute_dtype(logits: Tensor) -> torch.dtype:
-    return torch.float64 if logits.dtype == torch.float64 else torch.float32
-
-
 def _register_python_parts() -> None:
-    """Fake (meta) implementations: output shapes and dtypes only, as the C++ kernels make them."""
-    ns = "semivit_native::"
-
-    @torch.library.register_fake(ns + "ema_update_")
-    def _(teacher: list[Tensor], student: list[Tensor], decay: float) -> None:
-        torch._check(len(teacher) == len(student), lambda: "teacher and student lengths differ")
-
-    @torch.library.register_fake(ns + "pseudo_label")
-    def _(logits: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-        torch._check(logits.dim() == 2, lambda: "logits must be (N, C)")
-        n = logits.shape[0]
-        return (logits.new_empty(n, dtype=torch.float32), logits.new_empty(n, dtype=torch.int64),
-                logits.new_empty(n, dtype=torch.float32))
-
-    @torch.library.register_fake(ns + "pseudo_mixup")
-    def _(images: Tensor, prob: Tensor, use_cutmix: Tensor, cy: Tensor, cx: Tensor, partner: Tensor,
-          threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-        torch._check(images.dim() == 4, lambda: "images must be (B, C, H, W)")
-        b = images.shape[0]
-        return (torch.empty_like(images, memory_format=torch.contiguous_format),
-                images.new_empty(b, dtype=torch.float32), images.new_empty(b, dtype=torch.float32))
-
-    @torch.library.register_fake(ns + "mix_batch")
-    def _(images: Tensor, lam: Tensor, use_cutmix: Tensor, cy: Tensor, cx: Tensor,
-          partner: Tensor) -> tuple[Tensor, Tensor]:
-        torch._check(images.dim() == 4, lambda: "images must be (B, C, H, W)")
-        return torch.empty_like(images, memory_format=torch.contiguous_format), torch.empty_like(lam)
-
-    @torch.library.register_fake(ns + "pseudo_mixup_")
-    def _(images: Tensor, prob: Tensor, use_cutmix: Tensor, cy: Tensor, cx: Tensor, partner: Tensor,
-          threshold: float) -> tuple[Tensor, Tensor]:
-        torch._check(images.dim() == 4, lambda: "images must be (B, C, H, W)")
-        b = images.shape[0]
-        return images.new_empty(b, dtype=torch.float32), images.new_empty(b, dtype=torch.float32)
-
-    @torch.library.register_fake(ns + "mix_batch_")
-    def _(images: Tensor, lam: Tensor, use_cutmix: Tensor, cy: Tensor, cx: Tensor, partner: Tensor) -> Tensor:
-        torch._check(images.dim() == 4, lambda: "images must be (B, C, H, W)")
-        return torch.empty_like(lam)
-
-    @torch.library.register_fake(ns + "soft_target_ce")
-    def _(logits: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor, mask: Tensor | None, smoothing: float,
-          with_grad: bool) -> tuple[Tensor, Tensor]:
-        torch._check(logits.dim() == 2, lambda: "logits must be (B, C)")
-        dt = _compute_dtype(logits)
-        grad_shape = tuple(logits.shape) if with_grad else (0,)
-        return logits.new_empty((), dtype=dt), logits.new_empty(grad_shape, dtype=dt)
-
-    # The autograd of soft_target_ce is registered in C++ (kernels/csrc/autograd.cpp): ~30 us less host
-    # time per forward + backward than torch.library.register_autograd from Python.
+    """The fake (meta) implementations of ``kernels.contract``; the autograd of soft_target_ce is
+    registered in C++ (kernels/csrc/autograd.cpp), where it costs less host time per call."""
+    contract.register_fakes("semivit_native")

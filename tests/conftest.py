@@ -14,9 +14,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import pytest  # noqa: E402
-
 import kernels.dispatch  # noqa: E402
+import pytest  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -66,6 +65,27 @@ def kernels_backend(request):
         pytest.skip("these tests build CPU tensors; the Triton kernels on CUDA are tested by test_triton_ops.py")
     kernels.dispatch.set_default(request.param)
     yield request.param
+
+
+@pytest.fixture(params=["reference", "torch", "native", "triton"])
+def impl(request):
+    """One implementation per run, called explicitly (``backend=impl``) on ``impl_device(impl)``."""
+    require_backend(request.param)
+    return request.param
+
+
+@pytest.fixture
+def triton_ns():
+    """``torch.ops.semivit_triton``; skips without Triton (fails under CI). Tensors: ``impl_device("triton")``."""
+    require_backend("triton")
+    return torch.ops.semivit_triton
+
+
+@pytest.fixture
+def native_ops():
+    """``torch.ops.semivit_native``; skips when the library is not built (fails under CI)."""
+    require_backend("native")
+    return torch.ops.semivit_native
 
 
 @pytest.fixture

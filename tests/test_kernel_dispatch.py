@@ -1,7 +1,7 @@
 """One dispatch for every fused op: backend choice, errors, agreement across backends, the trainer's use.
 
-The op-level comparisons against the references live in test_native_ops.py and test_triton_ops.py;
-here every backend is reached through the public functions, as the trainer reaches them.
+The op-level comparisons against the references live in the tests/test_op_*.py files; here every
+backend is reached through the public functions, as the trainer reaches them.
 """
 
 from __future__ import annotations
@@ -10,20 +10,29 @@ import subprocess
 import sys
 from pathlib import Path
 
+import kernels
 import pytest
 import torch
-
-import kernels
-from conftest import impl_device, require_backend
-from kernels import dispatch, native, triton_ops
 from kernels import (
+    dispatch,
     draw_mix_randomness,
+    ema_tensors,
     ema_update,
     labelled_mixup,
+    mix_batch,
+    native,
     pseudo_label,
     pseudo_mixup,
+    pseudo_mixup_reference,
     soft_target_cross_entropy,
+    triton_ops,
 )
+from torch.overrides import TorchFunctionMode
+
+from conftest import impl_device, require_backend
+from kernel_cases import gen as _gen
+from test_op_ema import _net
+from test_op_pseudo_mixup import _mix_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 FUSED = ("native", "triton")
@@ -276,3 +285,58 @@ def test_semi_loss_compiles_without_graph_breaks_on_the_native_ops(donate):
     torch.testing.assert_close(loss, expected)
     assert torch.equal(given, eager) and torch.equal(given, strong) != donate  # mixed in place iff donated
     assert head.weight.grad is not None and torch.isfinite(head.weight.grad).all()
+
+
+# -------------------------------------------------------------------------------- no host sync
+
+_SYNCING = {
+    torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy,
+    torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__,
+    torch.nonzero, torch.Tensor.nonzero, torch.masked_select, torch.Tensor.masked_select,
+}
+
+
+class _SyncSpy(TorchFunctionMode):
+    """Records calls that read device values on the host (a sync on GPU) or make data-dependent shapes."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[str] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if func in _SYNCING:
+            self.calls.append(getattr(func, "__name__", str(func)))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.usefixtures("kernels_backend")
+def test_public_functions_do_not_sync():
+    images, prob, label = _mix_inputs(B=8, H=9, W=11)
+    logits = torch.randn(8, 10, requires_grad=True)
+    t, s = ema_tensors(_net(1, torch.float32), False), ema_tensors(_net(2, torch.float32), False)
+    spy = _SyncSpy()
+    with spy:
+        p, y, m = pseudo_label(logits, 0.5)
+        mixed = pseudo_mixup(images, p, y, 0.5, generator=_gen())
+        d = draw_mix_randomness(8, 9, 11, 0.5, "cpu", _gen(1))
+        pseudo_mixup(images.bfloat16(), p, y, 0.5, draws=d)
+        mix_batch(images, p, d.use_cutmix, d.cy, d.cx, partner_index=d.partner)
+        labelled_mixup(images, label, generator=_gen())
+        loss = soft_target_cross_entropy(logits, mixed.label_a, mixed.label_b, mixed.lam, mixed.mask)
+        loss.backward()
+        ema_update(t, s, 0.999)
+    assert spy.calls == []
+    with spy:  # the spy does see the reference's host reads
+        pseudo_mixup_reference(images, prob, label, 0.5, generator=_gen())
+    assert "item" in spy.calls
+
+
+@pytest.mark.usefixtures("kernels_backend")
+def test_pseudo_mixup_ignores_autocast():
+    images, prob, label = _mix_inputs()
+    d = draw_mix_randomness(6, 7, 5, 0.5, "cpu", _gen(4))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = pseudo_mixup(images, prob, label, 0.5, draws=d)
+    ref = pseudo_mixup_reference(images, prob, label, 0.5, draws=d)
+    assert out.images.dtype == torch.float32
+    torch.testing.assert_close(out.images, ref.images, rtol=0, atol=1e-6)

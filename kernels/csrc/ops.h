@@ -1,4 +1,4 @@
-// The semivit_native operators (schemas in register.cpp and docs/kernels.md).
+// The semivit_native operators (schemas: kernels/contract.py, defined in register.cpp).
 #pragma once
 
 #include <ATen/core/Tensor.h>

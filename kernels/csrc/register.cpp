@@ -1,4 +1,5 @@
-// Operator schemas (the contract of docs/kernels.md) and their CPU kernels.
+// Operator schemas and their CPU kernels. The schemas must equal the table in kernels/contract.py
+// (tests/test_kernel_contract.py checks it); semantics: docs/kernels.md.
 #include <torch/library.h>
 
 #include "ops.h"

@@ -1,7 +1,7 @@
 """``semivit_triton::ema_update_``: the EMA-teacher update of every tensor in ONE kernel launch.
 
-    ema_update_(Tensor(a!)[] teacher, Tensor[] student, float decay) -> ()
     t <- t + w (s - t),  w = 1 - decay, computed in float32, rounded once to the teacher's dtype.
+Schema, input check and fake: ``kernels.contract``.
 
 Design (multi-tensor pointer table). The tensors are split into chunks of ``CONFIG["chunk"]``
 elements; one program per chunk. A single int64 table on the device holds
@@ -41,6 +41,8 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
+from kernels import contract
 
 __all__ = ["CONFIG", "clear_cache", "ema_update_", "ema_update_impl"]
 
@@ -88,21 +90,8 @@ def clear_cache() -> None:
 
 
 def _check(teacher: list[Tensor], student: list[Tensor], decay: float) -> None:
-    if len(teacher) != len(student):
-        raise ValueError(f"teacher has {len(teacher)} tensors but student has {len(student)}")
-    if not 0.0 <= decay <= 1.0:
-        raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
-    for i, (t, s) in enumerate(zip(teacher, student)):
-        if t.dtype not in _TL or s.dtype not in _TL:
-            raise ValueError(
-                f"triton ema_update_: tensor {i}: teacher {t.dtype} / student {s.dtype}; supported are "
-                "float32, bfloat16 and float16 (float64 and integer tensors go to another backend)")
-        if t.numel() != s.numel():
-            raise ValueError(f"tensor {i}: teacher has {t.numel()} elements, student {s.numel()}")
-        if t.device != s.device:
-            raise ValueError(f"tensor {i}: teacher on {t.device}, student on {s.device}")
-        if not (t.is_contiguous() and s.is_contiguous()):
-            raise ValueError(f"tensor {i}: teacher and student must be contiguous")
+    contract.check_ema_update_(teacher, student, decay, contract.FLOATS_32)
+    for i, t in enumerate(teacher):
         if t.numel() >= 2**31 - 2 * CONFIG["chunk"]:
             raise ValueError(f"tensor {i}: {t.numel()} elements is too many for int32 offsets")
 
@@ -164,11 +153,7 @@ def ema_update_impl(teacher: list[Tensor], student: list[Tensor], decay: float) 
                                      BLOCK=block, CHUNK=chunk, ALIGNED=aligned, num_warps=warps)
 
 
-ema_update_ = torch.library.custom_op(
-    "semivit_triton::ema_update_", mutates_args=("teacher",),
-    schema="(Tensor(a!)[] teacher, Tensor[] student, float decay) -> ()")(ema_update_impl)
+ema_update_ = torch.library.custom_op("semivit_triton::ema_update_", mutates_args=contract.OPS["ema_update_"].mutates,
+                                      schema=contract.SCHEMAS["ema_update_"])(ema_update_impl)
+contract.register_fakes("semivit_triton", ("ema_update_",))
 
-
-@ema_update_.register_fake
-def _(teacher: list[Tensor], student: list[Tensor], decay: float) -> None:
-    _check(teacher, student, decay)

@@ -1,6 +1,6 @@
 """``semivit_triton::pseudo_label``: max softmax probability, argmax and confidence mask in one pass.
 
-    pseudo_label(Tensor logits, float threshold) -> (Tensor prob, Tensor label, Tensor mask)
+Schema, input check and fake: ``kernels.contract``.
 
 One program per row walks C in tiles of BLOCK_C, keeping per lane a running max, a running sum of
 exp(z - max) (rescaled by exp(old max - new max) when the max grows) and the first index of the max.
@@ -19,13 +19,13 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
+from kernels import contract
 from kernels.triton_ops.launch import launchable
 
 __all__ = ["CONFIG", "pseudo_label"]
 
 # (BLOCK_C, num_warps) for C <= large_c and for larger C; the GPU bench sweeps these
 CONFIG = {"block_c": 1024, "num_warps": 4, "large_c": 4096, "block_c_large": 4096, "num_warps_large": 8}
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @triton.jit
@@ -53,17 +53,9 @@ def _pseudo_label_kernel(z_ptr, prob_ptr, label_ptr, mask_ptr, C, threshold, BLO
     tl.store(mask_ptr + row, (prob >= threshold).to(tl.float32))
 
 
-def _check(logits: Tensor) -> None:
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be (B, C), got shape {tuple(logits.shape)}")
-    if logits.dtype not in _DTYPES:
-        raise ValueError(f"triton pseudo_label: logits must be float32/bf16/fp16/float64, got {logits.dtype}")
-
-
-@triton_op("semivit_triton::pseudo_label", mutates_args=(),
-           schema="(Tensor logits, float threshold) -> (Tensor prob, Tensor label, Tensor mask)")
+@triton_op("semivit_triton::pseudo_label", mutates_args=(), schema=contract.SCHEMAS["pseudo_label"])
 def pseudo_label(logits: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-    _check(logits)
+    contract.check_pseudo_label(logits)
     logits = logits.contiguous()
     B, C = logits.shape
     prob = torch.empty(B, dtype=torch.float32, device=logits.device)
@@ -77,9 +69,4 @@ def pseudo_label(logits: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tens
     return prob, label, mask
 
 
-@pseudo_label.register_fake
-def _(logits: Tensor, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-    _check(logits)
-    B = logits.shape[0]
-    return (logits.new_empty(B, dtype=torch.float32), logits.new_empty(B, dtype=torch.int64),
-            logits.new_empty(B, dtype=torch.float32))
+contract.register_fakes("semivit_triton", ("pseudo_label",))

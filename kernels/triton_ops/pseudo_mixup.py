@@ -1,9 +1,6 @@
 """``semivit_triton::pseudo_mixup`` and ``semivit_triton::mix_batch``: one pass over the images.
 
-    pseudo_mixup(Tensor images, Tensor prob, Tensor use_cutmix, Tensor cy, Tensor cx, Tensor partner,
-                 float threshold) -> (Tensor mixed, Tensor lam, Tensor mask)
-    mix_batch(Tensor images, Tensor lam, Tensor use_cutmix, Tensor cy, Tensor cx, Tensor partner)
-              -> (Tensor mixed, Tensor lam)
+Schemas, input check and fakes: ``kernels.contract``.
 
 One kernel, grid (B, tiles of the C*H rows, tiles of the W columns): each program covers a
 BLOCK_H x BLOCK_W tile of one sample (so an element's row and column need no integer division) and loads its sample's draws and partner j,
@@ -27,12 +24,12 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
+from kernels import contract
 from kernels.triton_ops.launch import launchable
 
 __all__ = ["CONFIG", "mix_batch", "pseudo_mixup"]
 
 CONFIG = {"block": 2048, "max_block_w": 1024, "num_warps": 8}
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 
 
 @triton.jit
@@ -95,17 +92,9 @@ def _mix_kernel(x_ptr, out_ptr, w_ptr, cut_ptr, cy_ptr, cx_ptr, partner_ptr, lam
             tl.store(mask_out_ptr + i, (tl.maximum(p_i, p_j) >= threshold).to(tl.float32))
 
 
-def _check(images: Tensor, w: Tensor, use_cutmix: Tensor, cy: Tensor, cx: Tensor, partner: Tensor, name: str) -> None:
-    if images.dim() != 4:
-        raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    if images.dtype not in _DTYPES:
-        raise ValueError(f"triton {name}: images must be float32/bf16/fp16/float64, got {images.dtype}")
-    B = images.shape[0]
-    for arg, t, dtype in (("w", w, torch.float32), ("use_cutmix", use_cutmix, torch.bool),
-                          ("cy", cy, torch.int64), ("cx", cx, torch.int64), ("partner", partner, torch.int64)):
-        if t.shape != (B,) or t.dtype != dtype:
-            raise ValueError(f"triton {name}: {arg} must be ({B},) {dtype}, got {tuple(t.shape)} {t.dtype}")
-    if images[0].numel() >= 2**31:
+def _check(op: str, images: Tensor, w: Tensor, use_cutmix: Tensor, cy: Tensor, cx: Tensor, partner: Tensor) -> None:
+    contract.check_mix(op, images, w, use_cutmix, cy, cx, partner)
+    if images[0].numel() >= 2**31:  # the kernel's offsets within a sample are int32
         raise ValueError("triton mix: one sample must have fewer than 2**31 elements")
 
 
@@ -130,35 +119,19 @@ def _launch(images: Tensor, w: Tensor, use_cutmix: Tensor, cy: Tensor, cx: Tenso
     return out, lam, mask
 
 
-@triton_op("semivit_triton::pseudo_mixup", mutates_args=(),
-           schema="(Tensor images, Tensor prob, Tensor use_cutmix, Tensor cy, Tensor cx, Tensor partner, "
-                  "float threshold) -> (Tensor mixed, Tensor lam, Tensor mask)")
+@triton_op("semivit_triton::pseudo_mixup", mutates_args=(), schema=contract.SCHEMAS["pseudo_mixup"])
 def pseudo_mixup(images: Tensor, prob: Tensor, use_cutmix: Tensor, cy: Tensor, cx: Tensor, partner: Tensor,
                  threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-    _check(images, prob, use_cutmix, cy, cx, partner, "pseudo_mixup")
+    _check("pseudo_mixup", images, prob, use_cutmix, cy, cx, partner)
     return _launch(images, prob, use_cutmix, cy, cx, partner, threshold, pseudo=True)
 
 
-@triton_op("semivit_triton::mix_batch", mutates_args=(),
-           schema="(Tensor images, Tensor lam, Tensor use_cutmix, Tensor cy, Tensor cx, Tensor partner) "
-                  "-> (Tensor mixed, Tensor lam)")
+@triton_op("semivit_triton::mix_batch", mutates_args=(), schema=contract.SCHEMAS["mix_batch"])
 def mix_batch(images: Tensor, lam: Tensor, use_cutmix: Tensor, cy: Tensor, cx: Tensor,
               partner: Tensor) -> tuple[Tensor, Tensor]:
-    _check(images, lam, use_cutmix, cy, cx, partner, "mix_batch")
+    _check("mix_batch", images, lam, use_cutmix, cy, cx, partner)
     out, lam_out, _ = _launch(images, lam, use_cutmix, cy, cx, partner, 0.0, pseudo=False)
     return out, lam_out
 
 
-@pseudo_mixup.register_fake
-def _(images, prob, use_cutmix, cy, cx, partner, threshold):
-    _check(images, prob, use_cutmix, cy, cx, partner, "pseudo_mixup")
-    B = images.shape[0]
-    return (torch.empty_like(images, memory_format=torch.contiguous_format),
-            images.new_empty(B, dtype=torch.float32), images.new_empty(B, dtype=torch.float32))
-
-
-@mix_batch.register_fake
-def _(images, lam, use_cutmix, cy, cx, partner):
-    _check(images, lam, use_cutmix, cy, cx, partner, "mix_batch")
-    return (torch.empty_like(images, memory_format=torch.contiguous_format),
-            images.new_empty(images.shape[0], dtype=torch.float32))
+contract.register_fakes("semivit_triton", ("pseudo_mixup", "mix_batch"))

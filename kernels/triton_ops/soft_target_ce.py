@@ -1,7 +1,6 @@
 """``semivit_triton::soft_target_ce``: the masked mean soft-target cross-entropy, closed form, and its gradient.
 
-    soft_target_ce(Tensor logits, Tensor label_a, Tensor label_b, Tensor lam, Tensor? mask, float smoothing,
-                   bool with_grad) -> (Tensor loss, Tensor grad)
+Schema, input check and fake: ``kernels.contract``.
 
     lse_i = log sum_c exp(z_ic)
     ce_i  = lse_i - (1 - s)(lam_i z_{i,a_i} + (1 - lam_i) z_{i,b_i}) - (s / C) sum_c z_ic
@@ -31,6 +30,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import triton_op
 
+from kernels import contract
 from kernels.triton_ops.launch import launchable
 
 __all__ = ["CONFIG", "soft_target_ce"]
@@ -38,7 +38,6 @@ __all__ = ["CONFIG", "soft_target_ce"]
 # (BLOCK_C, num_warps) for C <= large_c and for larger C (one program per row: few rows of a large C
 # want wide programs). The GPU bench sweeps these.
 CONFIG = {"block_c": 1024, "num_warps": 4, "large_c": 4096, "block_c_large": 4096, "num_warps_large": 8}
-_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -83,26 +82,10 @@ def _soft_ce_kernel(z_ptr, a_ptr, b_ptr, lam_ptr, mask_ptr, wce_ptr, grad_ptr, C
             tl.store(out + cols, f * (tl.exp(z - lse) - t), mask=valid)
 
 
-def _check(logits: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor, mask: Tensor | None) -> None:
-    name = "soft_target_ce"
-    if logits.dim() != 2:
-        raise ValueError(f"logits must be (B, C), got shape {tuple(logits.shape)}")
-    if logits.dtype not in _DTYPES:
-        raise ValueError(f"triton {name}: logits must be float32/bf16/fp16 (float64 goes to another "
-                         f"backend), got {logits.dtype}")
-    B = logits.shape[0]
-    checked = [("label_a", label_a, torch.int64), ("label_b", label_b, torch.int64), ("lam", lam, torch.float32)]
-    for arg, t, dtype in checked + ([] if mask is None else [("mask", mask, torch.float32)]):
-        if t.shape != (B,) or t.dtype != dtype:
-            raise ValueError(f"triton {name}: {arg} must be ({B},) {dtype}, got {tuple(t.shape)} {t.dtype}")
-
-
-@triton_op("semivit_triton::soft_target_ce", mutates_args=(),
-           schema="(Tensor logits, Tensor label_a, Tensor label_b, Tensor lam, Tensor? mask, float smoothing, "
-                  "bool with_grad) -> (Tensor loss, Tensor grad)")
+@triton_op("semivit_triton::soft_target_ce", mutates_args=(), schema=contract.SCHEMAS["soft_target_ce"])
 def soft_target_ce(logits: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor, mask: Tensor | None,
                    smoothing: float, with_grad: bool) -> tuple[Tensor, Tensor]:
-    _check(logits, label_a, label_b, lam, mask)
+    contract.check_soft_target_ce(logits, label_a, label_b, lam, mask, contract.FLOATS_32)
     logits = logits.contiguous()
     B, C = logits.shape
     wce = torch.empty(B, dtype=torch.float32, device=logits.device)  # mask_i ce_i
@@ -118,11 +101,7 @@ def soft_target_ce(logits: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor
     return wce.sum() / B, grad
 
 
-@soft_target_ce.register_fake
-def _(logits, label_a, label_b, lam, mask, smoothing, with_grad):
-    _check(logits, label_a, label_b, lam, mask)
-    return (logits.new_empty((), dtype=torch.float32),
-            logits.new_empty(tuple(logits.shape) if with_grad else (0,), dtype=torch.float32))
+contract.register_fakes("semivit_triton", ("soft_target_ce",))
 
 
 def _setup_context(ctx, inputs, output) -> None:

@@ -1,36 +1,25 @@
-"""Correctness of the kernels/ ops against their references and hand-computed values, once per backend
-(torch, native, triton under the interpreter), each reached through the public functions."""
+"""Pseudo mixup, mix_batch and labelled mixup (kernels/pseudo_mixup.py): every implementation
+against the reference, then behaviour of the public functions, the native ops and the Triton ops."""
 
 from __future__ import annotations
 
+import inspect
 import math
 
+import kernels.dispatch
 import pytest
 import torch
-from torch import nn
-from torch.overrides import TorchFunctionMode
-
-from kernels import (
-    MixDraws,
-    draw_mix_randomness,
-    ema_tensors,
-    ema_update,
-    ema_update_reference,
-    labelled_mixup,
-    mix_batch,
-    pseudo_label,
-    pseudo_label_reference,
-    pseudo_mixup,
-    pseudo_mixup_reference,
-    soft_target_cross_entropy,
-    soft_target_cross_entropy_reference,
-)
-import kernels.dispatch
 from kernels import KernelUnavailable
-from kernels.pseudo_mixup import random_derangement
-from kernels.soft_target_ce import _SoftTargetCE
 
-pytestmark = pytest.mark.usefixtures("kernels_backend")
+from conftest import impl_device
+from kernel_cases import (
+    FLOATS,
+    IMAGE_CASES,
+    TOL,
+    border_draws,
+    gen,
+    runs,
+)
 
 
 def _runs_float64(backend: str) -> bool:
@@ -46,122 +35,44 @@ def _runs_float64(backend: str) -> bool:
 def _gen(seed: int = 0) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
-
-# ------------------------------------------------------------------------------------------ EMA
-
-
-def _net(seed: int, dtype: torch.dtype = torch.float64) -> nn.Module:
-    torch.manual_seed(seed)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 3 * 3, 5))
-    net = net.to(dtype)
-    with torch.no_grad():  # distinct, non-trivial buffers and integer state
-        bn = net[1]
-        bn.running_mean.normal_()
-        bn.running_var.uniform_(0.5, 2.0)
-        bn.num_batches_tracked.fill_(seed + 3)
-    return net
+from kernels import (
+    MixDraws,
+    draw_mix_randomness,
+    labelled_mixup,
+    mix_batch,
+    pseudo_mixup,
+    pseudo_mixup_reference,
+)
+from kernels.pseudo_mixup import random_derangement
 
 
-def test_ema_tensors_order_and_filtering():
-    net = _net(0)
-    names = [n for n, _ in net.named_parameters()] + [n for n, _ in net.named_buffers()]
-    all_tensors = ema_tensors(net, floating_only=False)
-    assert len(all_tensors) == len(names)
-    floats = ema_tensors(net)
-    assert [t.dtype for t in floats] == [torch.float64] * (len(names) - 1)  # num_batches_tracked dropped
-    assert all(not t.requires_grad for t in floats)
-    floats[0].add_(1.0)  # shares storage with the module
-    assert torch.equal(floats[0], net[0].weight.detach())
-
-
-@pytest.mark.parametrize("decay", [0.9999, 0.5, 0.0, 1.0])
-def test_ema_update_moves_teacher_by_formula(decay, kernels_backend):
-    if not _runs_float64(kernels_backend):
+@pytest.mark.parametrize("case", IMAGE_CASES, ids=str)
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_pseudo_mixup_matches_the_reference_on_every_implementation(impl, case, dtype):
+    B, C, H, W = case
+    g = gen(B * H * W)
+    images = torch.randn(B, C, H, W, generator=g).to(dtype)
+    prob = torch.rand(B, generator=g)
+    prob[0], prob[1] = 1e-6, 0.999  # lam near 0 (a box as large as the image) and near 1
+    label = torch.arange(B)
+    draws = border_draws(B, H, W, seed=B)
+    ref = pseudo_mixup_reference(images, prob, label, 0.6, draws=draws)
+    dev = impl_device(impl)
+    on_dev = MixDraws(*(t.to(dev) for t in draws))
+    if not runs(impl, dtype):
+        with pytest.raises(KernelUnavailable, match="float64"):
+            pseudo_mixup(images.to(dev), prob.to(dev), label.to(dev), 0.6, draws=on_dev, backend=impl)
         return
-    teacher, student = _net(1), _net(2)
-    t_list = ema_tensors(teacher, floating_only=False)
-    s_list = ema_tensors(student, floating_only=False)
-    before = [t.clone() for t in t_list]
-    ema_update(t_list, s_list, decay)
-    for t0, t1, s in zip(before, t_list, s_list):
-        if t0.is_floating_point():
-            torch.testing.assert_close(t1 - t0, (1 - decay) * (s - t0), rtol=0, atol=1e-14)
-        else:
-            assert torch.equal(t1, s)  # num_batches_tracked copied
-    assert teacher[1].num_batches_tracked.item() == 5
-    # student untouched
-    for a, b in zip(s_list, ema_tensors(_net(2), floating_only=False)):
-        assert torch.equal(a, b)
+    out = pseudo_mixup(images.to(dev), prob.to(dev), label.to(dev), 0.6, draws=on_dev, backend=impl)
+    cut = draws.use_cutmix
+    assert out.images.dtype == dtype and out.lam.dtype == out.mask.dtype == torch.float32
+    assert torch.equal(out.images.cpu()[cut], ref.images[cut])  # cutmix pixels are exact copies
+    torch.testing.assert_close(out.images.cpu(), ref.images, **TOL[dtype])
+    assert torch.equal(out.lam.cpu(), ref.lam) and torch.equal(out.mask.cpu(), ref.mask)
+    assert torch.equal(out.label_b.cpu(), ref.label_b)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ema_update_matches_reference(dtype, kernels_backend):
-    if dtype == torch.float64 and not _runs_float64(kernels_backend):
-        return
-    t_fast, t_ref, student = _net(1, dtype), _net(1, dtype), _net(2, dtype)
-    # mixed list: floats and the integer buffer, several updates
-    for _ in range(3):
-        ema_update(ema_tensors(t_fast, False), ema_tensors(student, False), 0.9)
-        ema_update_reference(ema_tensors(t_ref, False), ema_tensors(student, False), 0.9)
-    tol = 1e-6 if dtype == torch.float32 else 1e-13
-    for a, b in zip(ema_tensors(t_fast, False), ema_tensors(t_ref, False)):
-        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
-
-
-def test_ema_update_mixed_dtypes_and_errors():
-    t = [torch.zeros(3, dtype=torch.float32), torch.zeros(2, dtype=torch.bfloat16), torch.zeros(1, dtype=torch.long)]
-    s = [torch.ones(3, dtype=torch.float32), torch.ones(2, dtype=torch.bfloat16), torch.full((1,), 7)]
-    ema_update(t, s, 0.75)
-    assert torch.equal(t[0], torch.full((3,), 0.25))
-    assert torch.equal(t[1], torch.full((2,), 0.25, dtype=torch.bfloat16))
-    assert t[2].item() == 7
-    with pytest.raises(ValueError, match="tensors"):
-        ema_update(t, s[:2], 0.9)
-
-
-# --------------------------------------------------------------------------------- pseudo label
-
-
-def test_pseudo_label_known_values():
-    # row 0: softmax max = e^2 / (e^2 + 1 + 1) = 0.7870 at index 0; row 1: uniform over 4 = 0.25;
-    # row 2: max = 1 / (1 + e^-1 + e^-9) = 0.7310 at index 2; row 3: exactly at the threshold 0.5 -> kept
-    logits = torch.tensor(
-        [[2.0, 0.0, 0.0, -math.inf], [1.0, 1.0, 1.0, 1.0], [-9.0, -1e4, 0.0, -1.0], [3.0, 3.0, -math.inf, -math.inf]]
-    )
-    prob, label, mask = pseudo_label(logits, threshold=0.5)
-    expect = torch.tensor([math.exp(2) / (math.exp(2) + 2), 0.25, 1 / (1 + math.exp(-1) + math.exp(-9)), 0.5])
-    torch.testing.assert_close(prob, expect)
-    assert label[0] == 0 and label[2] == 2 and label[3] in (0, 1)
-    assert torch.equal(mask, torch.tensor([1.0, 0.0, 1.0, 1.0]))
-    assert prob.dtype == mask.dtype == torch.float32 and label.dtype == torch.int64
-    # thresholds just either side of row 0's 0.7870 and row 2's 0.7310
-    assert torch.equal(pseudo_label(logits, threshold=0.786)[2], torch.tensor([1.0, 0.0, 0.0, 0.0]))
-    assert torch.equal(pseudo_label(logits, threshold=0.788)[2], torch.zeros(4))
-    assert torch.equal(pseudo_label(logits, threshold=0.730)[2], torch.tensor([1.0, 0.0, 1.0, 0.0]))
-    assert torch.equal(pseudo_label(logits, threshold=0.732)[2], torch.tensor([1.0, 0.0, 0.0, 0.0]))
-    assert torch.equal(pseudo_label(logits.bfloat16(), threshold=0.5)[2], mask)  # bf16 input
-
-
-def test_pseudo_label_matches_reference_and_bf16():
-    z = torch.randn(37, 101, generator=_gen(), dtype=torch.float32) * 3
-    z.requires_grad_(True)
-    out, ref = pseudo_label(z, 0.3), pseudo_label_reference(z, 0.3)
-    assert not out[0].requires_grad
-    torch.testing.assert_close(out[0], ref[0], rtol=1e-6, atol=1e-7)
-    assert torch.equal(out[1], ref[1]) and torch.equal(out[2], ref[2])
-    assert torch.equal(pseudo_label_reference(torch.tensor([[3.0, 3.0, -math.inf]]), 0.5)[2], torch.ones(1))
-    # bf16 logits: softmax in float32 of the bf16 values
-    zb = z.detach().bfloat16()
-    prob, label, mask = pseudo_label(zb, 0.3)
-    assert prob.dtype == torch.float32
-    ref_prob = torch.softmax(zb.float(), -1).max(-1)
-    torch.testing.assert_close(prob, ref_prob.values, rtol=1e-6, atol=1e-7)
-    assert torch.equal(label, ref_prob.indices)
-    assert torch.equal(mask, (prob >= 0.3).float())
-
-
-# --------------------------------------------------------------------------------- pseudo mixup
-
+# ------------------------------------------------------------------------- public functions, per backend
 
 def _mix_inputs(B=6, C=3, H=7, W=5, dtype=torch.float32, seed=0):
     g = _gen(seed)
@@ -181,6 +92,7 @@ def _is_single_cycle(partner: torch.Tensor) -> bool:
 
 
 @pytest.mark.parametrize("B", [2, 6, 80])
+@pytest.mark.usefixtures("kernels_backend")
 def test_partner_is_a_derangement(B):
     for seed in range(20):
         d = draw_mix_randomness(B, 7, 5, 0.5, "cpu", _gen(seed))
@@ -196,6 +108,7 @@ def test_partner_is_a_derangement(B):
         assert len({tuple(draw_mix_randomness(B, 7, 5, 0.5, "cpu", _gen(s)).partner.tolist()) for s in range(5)}) > 1
 
 
+@pytest.mark.usefixtures("kernels_backend")
 def test_random_derangement_covers_all_cycles():
     # B = 4: (4 - 1)! = 6 four-cycles, each with probability 1/6
     seen = {}
@@ -207,6 +120,7 @@ def test_random_derangement_covers_all_cycles():
     assert min(seen.values()) > 60  # expected 100 each
 
 
+@pytest.mark.usefixtures("kernels_backend")
 def test_draw_order_partner_last():
     # use_cutmix, cy, cx come first, from the same stream as before the partner existed
     B, H, W = 8, 9, 11
@@ -221,6 +135,7 @@ def test_draw_order_partner_last():
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("B", [6, 80])
+@pytest.mark.usefixtures("kernels_backend")
 def test_pseudo_mixup_matches_reference(seed, dtype, B):
     images, prob, label = _mix_inputs(B=B, dtype=dtype, seed=seed)
     _, _, H, W = images.shape
@@ -267,6 +182,7 @@ def test_pseudo_mixup_float64_keeps_precision(kernels_backend):
     torch.testing.assert_close(out.images, ref.images, rtol=0, atol=1e-12)
 
 
+@pytest.mark.usefixtures("kernels_backend")
 def test_pseudo_mixup_same_generator_same_result():
     images, prob, label = _mix_inputs(B=8, H=9, W=11)
     a = pseudo_mixup(images, prob, label, 0.5, generator=_gen(3))
@@ -282,6 +198,7 @@ def _no_cut(B: int, partner: torch.Tensor) -> MixDraws:
     return MixDraws(torch.zeros(B, dtype=torch.bool), zeros, zeros, partner)
 
 
+@pytest.mark.usefixtures("kernels_backend")
 def test_pseudo_mixup_mixup_pairs():
     images, prob, label = _mix_inputs()
     B = images.shape[0]
@@ -299,6 +216,7 @@ def test_pseudo_mixup_mixup_pairs():
 
 
 @pytest.mark.parametrize("B", [6, 80])
+@pytest.mark.usefixtures("kernels_backend")
 def test_pseudo_mixup_no_duplicate_images(B):
     # the defect of flip(0) pairing: with everyone on mixup, a pair (i, j = B-1-i) got one image twice
     g = _gen(B)
@@ -317,6 +235,7 @@ def test_pseudo_mixup_no_duplicate_images(B):
     torch.testing.assert_close(old, old.flip(0), rtol=0, atol=1e-5)
 
 
+@pytest.mark.usefixtures("kernels_backend")
 def test_pseudo_mixup_cutmix_box_from_partner():
     B, C, H, W = 6, 3, 7, 5
     # distinct constant images, so each pixel tells where it came from
@@ -350,6 +269,7 @@ def test_pseudo_mixup_cutmix_box_from_partner():
     assert torch.equal(out.label_b, partner)
 
 
+@pytest.mark.usefixtures("kernels_backend")
 def test_pseudo_mixup_mask_uses_merged_confidence():
     images, _, label = _mix_inputs()
     prob = torch.tensor([0.95, 0.2, 0.3, 0.4, 0.5, 0.1])
@@ -362,6 +282,7 @@ def test_pseudo_mixup_mask_uses_merged_confidence():
     assert torch.equal(out.mask, (torch.maximum(prob, prob[partner]) >= 0.5).float())
 
 
+@pytest.mark.usefixtures("kernels_backend")
 def test_pseudo_mixup_odd_batch_raises():
     images, prob, label = _mix_inputs(B=5)
     with pytest.raises(ValueError, match="unlabelled batch size must be even for pseudo mixup, got 5"):
@@ -370,6 +291,7 @@ def test_pseudo_mixup_odd_batch_raises():
         pseudo_mixup_reference(images, prob, label, 0.5)
 
 
+@pytest.mark.usefixtures("kernels_backend")
 def test_pseudo_mixup_bad_draws_raise():
     images, prob, label = _mix_inputs(B=6)
     d = draw_mix_randomness(4, 7, 5, 0.5, "cpu", _gen())
@@ -378,6 +300,7 @@ def test_pseudo_mixup_bad_draws_raise():
             fn(images, prob, label, 0.5, draws=d)
 
 
+@pytest.mark.usefixtures("kernels_backend")
 def test_mix_batch_partner_index_equals_flip():
     images, prob, _ = _mix_inputs(B=6)
     B, _, H, W = images.shape
@@ -388,6 +311,7 @@ def test_mix_batch_partner_index_equals_flip():
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
 
 
+@pytest.mark.usefixtures("kernels_backend")
 def test_mix_batch_partner_index_is_a_gather():
     # mixing with partner_index equals relabelling: permute the batch, mix by flip, permute back
     images, prob, _ = _mix_inputs(B=6, H=9, W=11)
@@ -408,6 +332,7 @@ def test_mix_batch_partner_index_is_a_gather():
 # ------------------------------------------------------------------------------ labelled mixup
 
 
+@pytest.mark.usefixtures("kernels_backend")
 def test_labelled_mixup_deterministic_and_in_range():
     images, _, labels = _mix_inputs(B=8, H=16, W=16)
     seen_cut = seen_mix = False
@@ -430,6 +355,7 @@ def test_labelled_mixup_deterministic_and_in_range():
                            labelled_mixup(images, labels, generator=_gen(1)).lam)
 
 
+@pytest.mark.usefixtures("kernels_backend")
 def test_labelled_mixup_single_modes_and_identity():
     images, _, labels = _mix_inputs(B=4, H=8, W=8)
     keep = images.clone()
@@ -444,151 +370,210 @@ def test_labelled_mixup_single_modes_and_identity():
     assert torch.equal(images, keep)
 
 
-# ------------------------------------------------------------------------------------ soft CE
+# ------------------------------------------------------------------------------------ native ops
+
+def _check_native_mixed(out, ref, use_cutmix, dtype):
+    cut = use_cutmix.nonzero().flatten()
+    assert torch.equal(out[cut], ref[cut])  # cutmix pixels: plain copies, exactly
+    rtol, atol = TOL[dtype]["rtol"], TOL[dtype]["atol"]
+    torch.testing.assert_close(out, ref, rtol=rtol, atol=atol)
 
 
-def test_soft_ce_hand_computed():
-    s, C = 0.1, 3
-    z = [[1.0, 2.0, 3.0], [0.5, -1.0, 2.0]]
-    a, b, lam = [2, 0], [1, 1], [0.7, 0.4]
-    logits = torch.tensor(z)
-    la, lb, lt = torch.tensor(a), torch.tensor(b), torch.tensor(lam)
-
-    # sample 0: t = 0.9*(0.7*e2 + 0.3*e1) + 0.1/3 ; sample 1: t = 0.9*(0.4*e0 + 0.6*e1) + 0.1/3
-    t0 = [s / 3, 0.9 * 0.3 + s / 3, 0.9 * 0.7 + s / 3]
-    t1 = [0.9 * 0.4 + s / 3, 0.9 * 0.6 + s / 3, s / 3]
-    lse0 = math.log(math.exp(1.0) + math.exp(2.0) + math.exp(3.0))
-    lse1 = math.log(math.exp(0.5) + math.exp(-1.0) + math.exp(2.0))
-    ce0 = -(t0[0] * (1.0 - lse0) + t0[1] * (2.0 - lse0) + t0[2] * (3.0 - lse0))
-    ce1 = -(t1[0] * (0.5 - lse1) + t1[1] * (-1.0 - lse1) + t1[2] * (2.0 - lse1))
-
-    loss = soft_target_cross_entropy(logits, la, lb, lt, smoothing=s)
-    assert loss.item() == pytest.approx((ce0 + ce1) / 2, rel=1e-6)
-    # mask out sample 1: it still counts in the denominator
-    masked = soft_target_cross_entropy(logits, la, lb, lt, torch.tensor([1.0, 0.0]), smoothing=s)
-    assert masked.item() == pytest.approx(ce0 / 2, rel=1e-6)
-
-    # gradient of sample 0 (mask [1, 0]): (softmax - t) / B ; sample 1: zero
-    logits.requires_grad_(True)
-    soft_target_cross_entropy(logits, la, lb, lt, torch.tensor([1.0, 0.0]), smoothing=s).backward()
-    sm0 = [math.exp(v - lse0) for v in z[0]]
-    torch.testing.assert_close(logits.grad[0], torch.tensor([(sm0[c] - t0[c]) / 2 for c in range(C)]))
-    assert torch.equal(logits.grad[1], torch.zeros(C))
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize(("B", "C", "H", "W"), [(2, 1, 13, 17), (8, 3, 31, 29), (6, 2, 1, 5)])
+def test_native_pseudo_mixup(native_ops, dtype, B, C, H, W):
+    g = gen(B * H * W)
+    images = torch.randn(B, C, H, W, generator=g).to(dtype)
+    prob = torch.rand(B, generator=g)
+    prob[0] = 1e-6  # lam near 0 for sample 0 (box as large as the image), near 1 for its partner
+    prob[1] = 0.999
+    label = torch.arange(B)
+    draws = border_draws(B, H, W, seed=B)
+    before = images.clone()
+    out, lam, mask = native_ops.pseudo_mixup(images, prob, *draws, 0.6)
+    ref = pseudo_mixup_reference(images, prob, label, 0.6, draws=draws)
+    assert torch.equal(images, before)  # the input is never modified
+    assert out.dtype == dtype and out.shape == images.shape
+    assert torch.equal(lam, ref.lam) and torch.equal(mask, ref.mask)
+    _check_native_mixed(out, ref.images, draws.use_cutmix, dtype)
 
 
-@pytest.mark.parametrize("B,C", [(1, 1), (5, 7), (13, 129)])
-@pytest.mark.parametrize("with_mask", [False, True])
-def test_soft_ce_matches_reference(B, C, with_mask):
-    g = _gen(B * C)
-    logits = (torch.randn(B, C, generator=g) * 4).requires_grad_(True)
-    la, lb = torch.randint(0, C, (B,), generator=g), torch.randint(0, C, (B,), generator=g)
-    lb[0] = la[0]  # same label twice
-    lam = torch.rand(B, generator=g)
-    mask = (torch.rand(B, generator=g) > 0.4).float() if with_mask else None
-    ref_logits = logits.detach().clone().requires_grad_(True)
-    out = soft_target_cross_entropy(logits, la, lb, lam, mask, 0.1)
-    ref = soft_target_cross_entropy_reference(ref_logits, la, lb, lam, mask, 0.1)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
-    gout = torch.rand((), generator=g) + 0.5  # a non-unit upstream gradient
-    (out * gout).backward()
-    (ref * gout).backward()
-    torch.testing.assert_close(logits.grad, ref_logits.grad, rtol=1e-5, atol=1e-7)
+def test_native_pseudo_mixup_zero_confidences(native_ops):
+    """p_i = p_j = 0: lam = 0.5 (no NaN), for mixup and cutmix samples."""
+    B, H, W = 4, 13, 17
+    images = torch.randn(B, 3, H, W, generator=gen(3))
+    prob = torch.zeros(B)
+    draws = border_draws(B, H, W, seed=4)
+    out, lam, mask = native_ops.pseudo_mixup(images, prob, *draws, 0.5)
+    ref = pseudo_mixup_reference(images, prob, torch.arange(B), 0.5, draws=draws)
+    assert torch.isfinite(out).all() and torch.isfinite(lam).all()
+    assert torch.equal(lam[~draws.use_cutmix], torch.full(((~draws.use_cutmix).sum(),), 0.5))
+    assert torch.equal(lam, ref.lam) and torch.equal(mask, ref.mask) and not mask.any()
+    _check_native_mixed(out, ref.images, draws.use_cutmix, torch.float32)
 
 
-def test_soft_ce_gradcheck_float64(kernels_backend):
-    if not _runs_float64(kernels_backend):
-        return
-    g = _gen(7)
-    B, C = 4, 5
-    logits = torch.randn(B, C, generator=g, dtype=torch.float64, requires_grad=True)
-    la, lb = torch.randint(0, C, (B,), generator=g), torch.randint(0, C, (B,), generator=g)
-    lam = torch.rand(B, generator=g, dtype=torch.float64)
-    mask = torch.tensor([1.0, 0.0, 1.0, 0.5], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda z: _SoftTargetCE.apply(z, la, lb, lam, mask, 0.1), (logits,))
-    out = soft_target_cross_entropy(logits, la, lb, lam, mask, 0.1)
-    assert out.dtype == torch.float64
+def _torch_mix_batch(*args):
+    """kernels.pseudo_mixup.mix_batch on its torch path (the vectorised core the native op replaces)."""
+    kw = {"backend": "torch"} if "backend" in inspect.signature(mix_batch).parameters else {}
+    return mix_batch(*args, **kw)
 
 
-def test_soft_ce_masked_samples_count_as_zero():
-    g = _gen(11)
-    logits = torch.randn(6, 10, generator=g)
-    la, lb = torch.randint(0, 10, (6,), generator=g), torch.randint(0, 10, (6,), generator=g)
-    lam = torch.rand(6, generator=g)
-    mask = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.0, 1.0])
-    keep = mask.bool()
-    full = soft_target_cross_entropy(logits, la, lb, lam, mask)
-    sub = soft_target_cross_entropy(logits[keep], la[keep], lb[keep], lam[keep])
-    torch.testing.assert_close(full, sub * 3 / 6)
-    zero = soft_target_cross_entropy(logits, la, lb, lam, torch.zeros(6))
-    assert zero.item() == 0.0
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_native_mix_batch(native_ops, dtype):
+    B, C, H, W = 8, 3, 31, 29
+    g = gen(5)
+    images = torch.randn(B, C, H, W, generator=g).to(dtype)
+    # lam below 0 makes boxes larger than the image (clipped on every side); near 0 and 1; plain values
+    lam = torch.tensor([-10.0, 1e-7, 1.0 - 1e-7, 1.0, 0.0, 0.3, 0.77, 0.5])
+    use_cutmix = torch.tensor([True, True, True, True, True, False, False, True])
+    cy = torch.tensor([0, H - 1, 5, 0, H - 1, 3, 4, 15])
+    cx = torch.tensor([W - 1, 0, 0, 7, W - 1, 2, 1, 14])
+    partner = random_derangement(B, "cpu", g)
+    out, lam_out = native_ops.mix_batch(images, lam, use_cutmix, cy, cx, partner)
+    ref, ref_lam = _torch_mix_batch(images, lam, use_cutmix, cy, cx, partner)
+    assert torch.equal(lam_out, ref_lam)
+    assert lam_out[0].item() == 0.0  # the whole image came from the partner
+    _check_native_mixed(out, ref, use_cutmix, dtype)
+    # timm "batch" mode: one lam, partner flip(0)
+    flip = torch.arange(B - 1, -1, -1)
+    for cut in (True, False):
+        args = (lam[5].expand(B), torch.tensor(cut).expand(B), cy[7].expand(B), cx[7].expand(B))
+        out, lam_out = native_ops.mix_batch(images, *(a.contiguous() for a in args), flip)
+        ref, ref_lam = _torch_mix_batch(images, *args)
+        assert torch.equal(lam_out, ref_lam)
+        _check_native_mixed(out, ref, args[1], dtype)
 
 
-def test_soft_ce_bf16_close_to_float32():
-    g = _gen(12)
-    z32 = torch.randn(16, 100, generator=g) * 3
-    zb = z32.bfloat16().requires_grad_(True)
-    la, lb = torch.randint(0, 100, (16,), generator=g), torch.randint(0, 100, (16,), generator=g)
-    lam = torch.rand(16, generator=g)
-    out = soft_target_cross_entropy(zb, la, lb, lam)
-    assert out.dtype == torch.float32
-    ref32 = z32.bfloat16().float().requires_grad_(True)  # same values, float32 path
-    ref = soft_target_cross_entropy_reference(ref32, la, lb, lam)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(out, soft_target_cross_entropy(z32, la, lb, lam), rtol=2e-2, atol=2e-2)
-    out.backward()
-    ref.backward()
-    assert zb.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(zb.grad.float(), ref32.grad, rtol=1e-2, atol=1e-4)
+
+def test_native_mix_errors(native_ops):
+    B, H, W = 2, 5, 6
+    images = torch.zeros(B, 1, H, W)
+    ok = (torch.full((B,), 0.5), torch.ones(B, dtype=torch.bool), torch.zeros(B, dtype=torch.long),
+          torch.zeros(B, dtype=torch.long), torch.tensor([1, 0]))
+    native_ops.mix_batch(images, *ok)
+    with pytest.raises(RuntimeError, match="cy\\[1\\] = 5"):
+        native_ops.mix_batch(images, ok[0], ok[1], torch.tensor([0, H]), ok[3], ok[4])
+    with pytest.raises(RuntimeError, match="partner"):
+        native_ops.mix_batch(images, *ok[:4], torch.tensor([1, 2]))
+    with pytest.raises(RuntimeError, match="use_cutmix must be Bool"):
+        native_ops.mix_batch(images, ok[0], ok[1].long(), *ok[2:])
+    with pytest.raises(RuntimeError, match="\\(B, C, H, W\\)"):
+        native_ops.mix_batch(images[0], *ok)
+    with pytest.raises(RuntimeError, match="prob must have shape"):
+        native_ops.pseudo_mixup(images, torch.zeros(3), *ok[1:], 0.5)
 
 
-# -------------------------------------------------------------------------------- no host sync
+# ------------------------------------------------------------------------------------ Triton ops
 
-_SYNCING = {
-    torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy,
-    torch.Tensor.__bool__, torch.Tensor.__int__, torch.Tensor.__float__, torch.Tensor.__index__,
-    torch.nonzero, torch.Tensor.nonzero, torch.masked_select, torch.Tensor.masked_select,
-}
+DEV = impl_device("triton")
+B, CH, H, W = 6, 3, 13, 17  # H x W not multiples of any block
 
 
-class _SyncSpy(TorchFunctionMode):
-    """Records calls that read device values on the host (a sync on GPU) or make data-dependent shapes."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls: list[str] = []
-
-    def __torch_function__(self, func, types, args=(), kwargs=None):
-        if func in _SYNCING:
-            self.calls.append(getattr(func, "__name__", str(func)))
-        return func(*args, **(kwargs or {}))
+def _triton_draws():
+    """Boxes touching / clipped at every border, one covering everything, mixup samples too."""
+    use_cutmix = torch.tensor([True, True, True, True, False, False])
+    cy = torch.tensor([0, H - 1, 6, 1, 0, 5])
+    cx = torch.tensor([0, W - 1, 8, W - 2, 0, 3])
+    partner = torch.tensor([3, 2, 5, 4, 1, 0])  # a single 6-cycle
+    return use_cutmix, cy, cx, partner
 
 
-def test_public_functions_do_not_sync():
-    images, prob, label = _mix_inputs(B=8, H=9, W=11)
-    logits = torch.randn(8, 10, requires_grad=True)
-    t, s = ema_tensors(_net(1, torch.float32), False), ema_tensors(_net(2, torch.float32), False)
-    spy = _SyncSpy()
-    with spy:
-        p, y, m = pseudo_label(logits, 0.5)
-        mixed = pseudo_mixup(images, p, y, 0.5, generator=_gen())
-        d = draw_mix_randomness(8, 9, 11, 0.5, "cpu", _gen(1))
-        pseudo_mixup(images.bfloat16(), p, y, 0.5, draws=d)
-        mix_batch(images, p, d.use_cutmix, d.cy, d.cx, partner_index=d.partner)
-        labelled_mixup(images, label, generator=_gen())
-        loss = soft_target_cross_entropy(logits, mixed.label_a, mixed.label_b, mixed.lam, mixed.mask)
-        loss.backward()
-        ema_update(t, s, 0.999)
-    assert spy.calls == []
-    with spy:  # the spy does see the reference's host reads
-        pseudo_mixup_reference(images, prob, label, 0.5, generator=_gen())
-    assert "item" in spy.calls
+def _check_triton_mixup(out, lam, mask, ref, use_cutmix, dtype):
+    assert out.dtype == dtype and lam.dtype == torch.float32 and mask.dtype == torch.float32
+    cut = use_cutmix
+    assert torch.equal(out.cpu()[cut], ref.images[cut])  # cutmix pixels are exact copies
+    torch.testing.assert_close(out.cpu(), ref.images, **TOL[dtype])
+    torch.testing.assert_close(lam.cpu(), ref.lam, atol=0, rtol=0)
+    assert torch.equal(mask.cpu(), ref.mask)
 
 
-def test_pseudo_mixup_ignores_autocast():
-    images, prob, label = _mix_inputs()
-    d = draw_mix_randomness(6, 7, 5, 0.5, "cpu", _gen(4))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = pseudo_mixup(images, prob, label, 0.5, draws=d)
-    ref = pseudo_mixup_reference(images, prob, label, 0.5, draws=d)
-    assert out.images.dtype == torch.float32
-    torch.testing.assert_close(out.images, ref.images, rtol=0, atol=1e-6)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_triton_pseudo_mixup_matches_reference(triton_ns, dtype):
+    g = torch.Generator().manual_seed(2)
+    images = torch.randn(B, CH, H, W, generator=g).to(dtype)
+    # lam near 0: sample 0 (cutmix, a full-size box clipped at the corner) and 4 (mixup); near 1: sample 3
+    # (cutmix, empty box) and 5 (mixup); moderate: 1 (clipped at the bottom-right corner) and 2 (inside)
+    prob = torch.tensor([1e-6, 0.5, 0.6, 0.999, 1e-6, 0.45])
+    use_cutmix, cy, cx, partner = _triton_draws()
+    before = images.clone()
+    out, lam, mask = triton_ns.pseudo_mixup(images.to(DEV), prob.to(DEV), use_cutmix.to(DEV), cy.to(DEV), cx.to(DEV),
+                                      partner.to(DEV), 0.7)
+    ref = pseudo_mixup_reference(images, prob, torch.arange(B), 0.7, draws=MixDraws(use_cutmix, cy, cx, partner))
+    _check_triton_mixup(out, lam, mask, ref, use_cutmix, dtype)
+    assert torch.equal(images, before)  # input untouched
+    assert lam[3] == 1.0 and lam[4] < 1e-5 and lam[5] > 0.9999 and (lam[:3] < 0.9).all()
+
+
+def test_triton_pseudo_mixup_zero_confidence_gives_half(triton_ns):
+    g = torch.Generator().manual_seed(3)
+    images = torch.randn(B, CH, H, W, generator=g)
+    prob = torch.tensor([0.0, 0.0, 0.8, 0.0, 0.0, 0.0])  # p_i + p_j = 0 for samples 0, 3, 4 (and not 1, 2, 5)
+    use_cutmix, cy, cx, partner = _triton_draws()
+    out, lam, mask = triton_ns.pseudo_mixup(images.to(DEV), prob.to(DEV), use_cutmix.to(DEV), cy.to(DEV), cx.to(DEV),
+                                      partner.to(DEV), 0.5)
+    assert not torch.isnan(out).any() and not torch.isnan(lam).any()
+    p_j = prob[partner]
+    lam_in = torch.where(prob + p_j == 0, 0.5, prob / (prob + p_j).clamp_min(1e-30))
+    assert lam_in[4] == 0.5 and lam_in[0] == 0.5
+    exp_out, exp_lam = mix_batch(images, lam_in, use_cutmix, cy, cx, partner)  # the torch path
+    assert torch.equal(out.cpu()[use_cutmix], exp_out[use_cutmix])
+    torch.testing.assert_close(out.cpu(), exp_out, **TOL[torch.float32])
+    torch.testing.assert_close(lam.cpu(), exp_lam, atol=0, rtol=0)
+    assert lam[4] == 0.5  # a mixup sample with p_i = p_j = 0
+    torch.testing.assert_close(mask.cpu(), (torch.maximum(prob, p_j) >= 0.5).float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_mix_batch_matches_torch_path(triton_ns, dtype):
+    g = torch.Generator().manual_seed(4)
+    images = torch.randn(B, CH, H, W, generator=g).to(dtype)
+    lam = torch.tensor([0.0, 1.0, 0.0, 0.999, 0.0, 1.0])  # lam 0 / 1 for cutmix and mixup samples
+    use_cutmix, cy, cx, partner = _triton_draws()
+    out, lam_out = triton_ns.mix_batch(images.to(DEV), lam.to(DEV), use_cutmix.to(DEV), cy.to(DEV), cx.to(DEV),
+                                 partner.to(DEV))
+    exp_out, exp_lam = mix_batch(images, lam, use_cutmix, cy, cx, partner)
+    assert torch.equal(out.cpu()[use_cutmix], exp_out[use_cutmix])
+    torch.testing.assert_close(out.cpu(), exp_out, **TOL[dtype])
+    torch.testing.assert_close(lam_out.cpu(), exp_lam, atol=0, rtol=0)
+    # lam 0 centred: box [0, 12) x [0, 16) touching the top and left borders (odd H, W: // 2 leaves a row / column)
+    assert lam_out[2].item() == torch.tensor(1.0 - 12 * 16 / (H * W)).float().item()
+    assert lam_out[1] == 1.0 and lam_out[3] == 1.0  # empty boxes
+    assert torch.equal(out[4].cpu(), images[partner[4]]) and torch.equal(out[5].cpu(), images[5])  # mixup lam 0 / 1
+
+
+def test_triton_mix_tiles_over_rows_and_columns(triton_ns, monkeypatch):
+    """Tiles smaller than a row (several column tiles, several row tiles): same result, bit for bit."""
+    from kernels.triton_ops import pseudo_mixup as triton_mix
+
+    g = torch.Generator().manual_seed(5)
+    images = torch.randn(B, CH, H, W, generator=g).to(DEV)
+    prob = torch.rand(B, generator=g).to(DEV)
+    draws = [t.to(DEV) for t in _triton_draws()]
+    expected = triton_ns.pseudo_mixup(images, prob, *draws, 0.5)
+    monkeypatch.setitem(triton_mix.CONFIG, "block", 32)
+    monkeypatch.setitem(triton_mix.CONFIG, "max_block_w", 8)  # 3 column tiles of 8 for W = 17, 4 rows a tile
+    got = triton_ns.pseudo_mixup(images, prob, *draws, 0.5)
+    for a, b in zip(got, expected):
+        assert torch.equal(a, b)
+
+
+def test_triton_pseudo_mixup_box_arithmetic_against_python(triton_ns):
+    """Every cy, cx of a small image with a lam whose box is clipped: lam_out is the spec's float64 area."""
+    h, w, n = 5, 7, 35
+    images = torch.randn(n, 1, h, w)
+    lam_in = torch.full((n,), 0.36)  # r = 0.8: cut 4 x 5, half 2 x 2
+    cy = torch.arange(n) // w
+    cx = torch.arange(n) % w
+    partner = torch.arange(n).roll(1)
+    out, lam = triton_ns.mix_batch(images.to(DEV), lam_in.to(DEV), torch.ones(n, dtype=torch.bool, device=DEV),
+                             cy.to(DEV), cx.to(DEV), partner.to(DEV))
+    r = math.sqrt(max(1.0 - float(lam_in[0]), 0.0))
+    for i in range(n):
+        y0, y1 = min(max(int(cy[i]) - int(h * r) // 2, 0), h), min(max(int(cy[i]) + int(h * r) // 2, 0), h)
+        x0, x1 = min(max(int(cx[i]) - int(w * r) // 2, 0), w), min(max(int(cx[i]) + int(w * r) // 2, 0), w)
+        assert lam[i].item() == pytest.approx(1.0 - (y1 - y0) * (x1 - x0) / (h * w), abs=1e-7)
+        expected = images[i].clone()
+        expected[:, y0:y1, x0:x1] = images[int(partner[i])][:, y0:y1, x0:x1]
+        assert torch.equal(out[i].cpu(), expected)
+
+
