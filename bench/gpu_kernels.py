@@ -477,7 +477,8 @@ def ptx_check() -> dict:
         src = ASTSource(fn=fn, signature={n: signature.get(n, "constexpr") for n in names}, constexprs=constexprs,
                         attrs=attrs)
         ptx = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps}).asm["ptx"]
-        ops = re.findall(r"\b((?:ld|st)\.global(?:\.\w+)*|sqrt\.\w+\.f64|div\.\w+\.f(?:32|64)|(?:div|rem)\.[su]32)", ptx)
+        pattern = r"\b((?:ld|st)\.global(?:\.\w+)*|sqrt\.\w+\.f64|div\.\w+\.f(?:32|64)|(?:div|rem)\.[su]32)"
+        ops = re.findall(pattern, ptx)
         return {op: ops.count(op) for op in sorted(set(ops))}
 
     out = {"triton": triton.__version__}
@@ -489,7 +490,8 @@ def ptx_check() -> dict:
                "H": "i32", "W": "i32", "CH": "i32", "CHW": "i32", "threshold": "fp32"}
     out["mixup_bf16_224"] = compile_(pseudo_mixup._mix_kernel, mix_sig,
                                      {"PSEUDO": True, "F64": False, "BLOCK_H": 8, "BLOCK_W": 256},
-                                     ["x_ptr", "out_ptr", "w_ptr", "lam_out_ptr", "mask_out_ptr", "H", "W", "CH", "CHW"],
+                                     ["x_ptr", "out_ptr", "w_ptr", "lam_out_ptr", "mask_out_ptr", "H", "W", "CH",
+                                      "CHW"],
                                      8)
     out["pseudo_label_bf16"] = compile_(pseudo_label._pseudo_label_kernel,
                                         {"z_ptr": "*bf16", "prob_ptr": "*fp32", "label_ptr": "*i64",

@@ -33,7 +33,8 @@ def markdown(report: dict) -> str:
                      f"{_f((report.get('speedup_over_original') or {}).get(o['arch']), '.2f')}× |")
     k = report.get("semi_step_kernels")
     if k:
-        lines += ["", "| semi step, fused kernels vs torch versions | fused ms | torch ms | speed-up |", "|---|---|---|---|",
+        lines += ["", "| semi step, fused kernels vs torch versions | fused ms | torch ms | speed-up |",
+                  "|---|---|---|---|",
                   f"| {k['arch']}, {k['fused_backend']} | {k['fused_step_ms']:.1f} | {k['torch_step_ms']:.1f} | "
                   f"{k['speedup']:.2f}× |"]
     found = gpu_summary.errors(report)
@@ -53,7 +54,8 @@ def _kernel_table(kernels: dict | None) -> list[str]:
              "| op | implementation | shape | dtype | µs | GB/s | of copy | target | max abs diff |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in kernels["rows"]:
-        target = "–" if r["target"] is None else f"{100 * r['target']:.0f} % ({'met' if r['meets_target'] else 'MISSED'})"
+        verdict = "met" if r["meets_target"] else "MISSED"
+        target = "–" if r["target"] is None else f"{100 * r['target']:.0f} % ({verdict})"
         diff = r.get("max_abs_diff", r.get("prob_max_abs_diff", r.get("grad_max_abs_diff")))
         lines.append(f"| {r['op']} | {r['impl']} | {r['shape']} | {r['dtype']} | {r['us']:.1f} | {r['gb_per_s']:.0f} | "
                      f"{100 * r['copy_ratio']:.0f} % | {target} | {_f(diff, '.2e')} |")
@@ -61,7 +63,8 @@ def _kernel_table(kernels: dict | None) -> list[str]:
 
 
 def _step_table(report: dict) -> list[str]:
-    lines = ["", f"| step ({report['step_precision']}) | labelled + unlabelled | ms per step | img/s | MFU | peak GiB | "
+    lines = ["", f"| step ({report['step_precision']}) | labelled + unlabelled | ms per step | img/s | MFU | "
+             "peak GiB | "
              "dry-run estimate GiB | estimate / peak |", "|---|---|---|---|---|---|---|---|"]
 
     def row(label, s):

@@ -16,8 +16,8 @@ from engine.stages.common import cycle
 from engine.stages.finetune import FinetuneStage
 from engine.stages.loop import optimizer_step
 from engine.stages.runner import build_student, stage_data
-from engine.stages.specs import STAGE_SPECS
 from engine.stages.semi import SemiStage
+from engine.stages.specs import STAGE_SPECS
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "digits.toml"
 

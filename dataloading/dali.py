@@ -6,12 +6,13 @@ pixel erasing); evaluation (resize the short side to img_size / 0.875, bicubic, 
 pre-training (crop with pretrain's scale, flip). On a CUDA device JPEGs decode with device="mixed" and
 the batches stay on the GPU; without one the same definitions run CPU-only (device_id=None).
 
-DALI is fed from the engine's own ShardedSampler (fn.external_source, the encoded files of each batch,
-read ahead of the consumer by DALI's asynchronous executor), so sharding by rank, the per-epoch shuffle, epoch lengths, the exclusion list and mid-epoch resume are
-decided in one place for both loaders. DALI draws its random numbers per pipeline, which each stream
-builds once, seeded from (run seed, stream, rank, first epoch, first batch): a run is reproducible, but
-after a mid-run resume the augmentations differ from those the uninterrupted run would have drawn (the
-samples and their order are the same; the torch loader is bit-exact there too).
+DALI is fed from the engine's own ShardedSampler (fn.external_source, the encoded files of each batch, read
+ahead of the consumer by DALI's asynchronous executor), so sharding by rank, the per-epoch shuffle, epoch
+lengths, the exclusion list and mid-epoch resume are decided in one place for both loaders. DALI draws its
+random numbers per pipeline, which each stream builds once, seeded from (run seed, stream, rank, first epoch,
+first batch): a run is reproducible, but after a mid-run resume the augmentations differ from those the
+uninterrupted run would have drawn (the samples and their order are the same; the torch loader is bit-exact
+there too).
 
 A pipeline cannot skip a file it cannot decode: an unreadable image stops the run with a message naming
 the file and the validate command that writes the exclusion list (data.exclude).
@@ -182,7 +183,8 @@ def _randaug(images, spec: RandAugSpec | None, fill: list[int]):
 def _erase(images, reprob: float):
     """timm's pixel-mode random erasing on a normalised CHW batch: one box (2 %..1/3 of the area, aspect
     0.3..3.3) of N(0, 1) noise with probability reprob; the box is clipped to the image instead of redrawn."""
-    from nvidia.dali import fn, math as dmath, types
+    from nvidia.dali import fn, types
+    from nvidia.dali import math as dmath
 
     if reprob <= 0:
         return images
@@ -269,7 +271,8 @@ def to_torch(tensor_list, device: torch.device) -> Tensor:
 class DaliStream:
     """A BatchStream: the sampler's batches of positions -> encoded files -> a DALI pipeline."""
 
-    def __init__(self, folder, positions: np.ndarray, sampler: ShardedSampler, make_pipe: Callable, device: torch.device):
+    def __init__(self, folder, positions: np.ndarray, sampler: ShardedSampler, make_pipe: Callable,
+                 device: torch.device):
         self.folder, self.positions = folder, np.asarray(positions, dtype=np.int64)
         self.sampler, self.make_pipe, self.device = sampler, make_pipe, device
         self.num_samples = sampler.num_samples

@@ -136,7 +136,7 @@ class FolderDataset(Dataset):
             try:
                 with Image.open(path) as im:
                     return im.convert(self.mode), int(self.folder.targets[self.positions[j]])
-            except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, ... for broken files
+            except Exception as e:  # noqa: BLE001 (PIL raises OSError, SyntaxError, ValueError, ... for broken files)
                 if not self.bad[j]:
                     self.bad[j] = 1
                     warnings.warn(f"unreadable image {path} ({type(e).__name__}: {e}); using the next readable "

@@ -13,6 +13,6 @@ def check_image(path: str) -> str | None:
             im.verify()
         with Image.open(path) as im:  # verify() leaves the image unusable: reopen to decode every pixel
             im.load()
-    except Exception as e:  # OSError, SyntaxError, ValueError, DecompressionBombError, ...
+    except Exception as e:  # noqa: BLE001 (OSError, SyntaxError, ValueError, DecompressionBombError, ...)
         return f"{type(e).__name__}: {e}".replace("\n", " ").replace("\t", " ")
     return None

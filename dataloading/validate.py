@@ -18,7 +18,6 @@ from pathlib import Path
 from dataloading.readable import check_image
 from engine.errors import EXIT_USAGE
 
-
 # torchvision.datasets.folder.IMG_EXTENSIONS, copied so the validator starts without importing torch
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 

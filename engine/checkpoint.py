@@ -1,10 +1,10 @@
 """Checkpoints that survive crashes: write to a temporary name, fsync, rename; keep the newest N.
 
-A checkpoint file is valid only once complete (the rename is atomic), so `--checkpoint.resume auto`
-always finds a loadable one. Sharded runs (FSDP2) write a torch.distributed.checkpoint folder the same
-way: into a temporary name, renamed once complete. A write that fails (full disk, quota, permissions) removes its temporary
-file and raises WriteError: the previous checkpoints are never touched. Loading never unpickles arbitrary
-objects (weights_only=True).
+A checkpoint file is valid only once complete (the rename is atomic), so `--checkpoint.resume auto` always finds
+a loadable one. Sharded runs (FSDP2) write a torch.distributed.checkpoint folder the same way: into a temporary
+name, renamed once complete. A write that fails (full disk, quota, permissions) removes its temporary file and
+raises WriteError: the previous checkpoints are never touched. Loading never unpickles arbitrary objects
+(weights_only=True).
 """
 
 from __future__ import annotations
@@ -62,7 +62,8 @@ def safe_load(path: str | Path) -> dict:
     """Load a checkpoint with weights_only=True; the allow-list covers what public MAE checkpoints hold."""
     path = Path(path)
     if not path.is_file():
-        raise UserError(f"checkpoint '{path}' not found: check the path (model.init / checkpoint.resume / eval.checkpoint)")
+        raise UserError(f"checkpoint '{path}' not found: check the path "
+                        "(model.init / checkpoint.resume / eval.checkpoint)")
     # MAE's checkpoints store the training script's argparse.Namespace next to the weights.
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:

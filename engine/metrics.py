@@ -22,7 +22,6 @@ from engine.config import DataConfig, LoggingConfig
 from engine.config.sections import LOADERS
 from engine.runtime import Runtime
 
-
 INPUT_BOUND = 0.10  # share of the step spent waiting for data that earns a warning
 
 

@@ -12,7 +12,6 @@ import torch
 import torch.distributed as dist
 
 import kernels
-
 from engine.config import DistConfig, RunConfig
 from engine.errors import UserError, WriteError
 

@@ -44,7 +44,8 @@ def run_plan(plan: RunPlan, run_dir: Path) -> dict:
             (run_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
             write_report(run_dir, results)
             print(comparison_table(results))
-            print(f"wall time {results['wall_seconds']:.1f} s; results in {run_dir}/results.json, report in {run_dir}/report.md")
+            print(f"wall time {results['wall_seconds']:.1f} s; results in {run_dir}/results.json, "
+                  f"report in {run_dir}/report.md")
         rt.barrier()  # the other ranks wait for the main rank's files, then all leave the process group together
         return results
     finally:

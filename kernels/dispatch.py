@@ -139,5 +139,6 @@ def report() -> str:
         for op in OPS:
             lines.append(f"  {op:<26} {chosen:<7} {why}")
     if not torch.cuda.is_available():
-        lines.append(f"cuda tensors: no CUDA device here; on a GPU 'auto' picks triton when installed ({triton_ops.status()})")
+        lines.append("cuda tensors: no CUDA device here; on a GPU 'auto' picks triton when installed "
+                     f"({triton_ops.status()})")
     return "\n".join(lines)

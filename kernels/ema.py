@@ -1,11 +1,12 @@
 """EMA-teacher update: teacher <- decay * teacher + (1 - decay) * student.
 
-Memory-bound (docs/kernels.md; docs/method.md, step 6): the floor is reading teacher and student and writing teacher once,
-12 bytes per float32 parameter. ``torch._foreach_lerp_`` gets there with a handful of multi-tensor
-launches; the timm ``ModelEma`` loop (``mul_`` then ``add_`` per tensor) moves about 3x the bytes and
-launches ~4 kernels per tensor.
+Memory-bound (docs/kernels.md; docs/method.md, step 6): the floor is reading teacher and student and writing
+teacher once, 12 bytes per float32 parameter. ``torch._foreach_lerp_`` gets there with a handful of multi-tensor
+launches; the timm ``ModelEma`` loop (``mul_`` then ``add_`` per tensor) moves about 3x the bytes and launches
+~4 kernels per tensor.
 
-Public API: ``ema_update`` (dispatch: Triton / native / torch, see ``kernels.dispatch``), ``ema_update_reference`` (the spec), ``ema_tensors`` (what to pass).
+Public API: ``ema_update`` (dispatch: Triton / native / torch, see ``kernels.dispatch``),
+``ema_update_reference`` (the spec), ``ema_tensors`` (what to pass).
 """
 
 from __future__ import annotations

@@ -21,9 +21,10 @@ The labelled batch keeps timm's "batch" mode: one lam for the batch and partner 
 The draws are made in torch on the images' device by every backend, so the same seed gives the same
 mixed batch whichever kernel mixes it.
 
-Public API: ``pseudo_mixup`` (dispatch: Triton / native / torch, see ``kernels.dispatch``), ``pseudo_mixup_reference`` (the spec, a loop over samples),
-``draw_mix_randomness`` (the random draws both take), ``mix_batch`` (the shared vectorised core),
-``labelled_mixup`` (timm "batch" mode), ``MixedBatch`` and ``MixDraws`` (results).
+Public API: ``pseudo_mixup`` (dispatch: Triton / native / torch, see ``kernels.dispatch``),
+``pseudo_mixup_reference`` (the spec, a loop over samples), ``draw_mix_randomness`` (the random draws both
+take), ``mix_batch`` (the shared vectorised core), ``labelled_mixup`` (timm "batch" mode), ``MixedBatch`` and
+``MixDraws`` (results).
 """
 
 from __future__ import annotations

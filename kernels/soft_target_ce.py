@@ -7,7 +7,8 @@ Soft target t_i = (1 - s) (lam_i onehot(a_i) + (1 - lam_i) onehot(b_i)) + s / C.
     dloss / dz_i = mask_i / B (softmax(z_i) - t_i)
 Computed in float32 (or float64 for float64 logits) whatever the logits' dtype.
 
-Public API: ``soft_target_cross_entropy`` (dispatch: Triton / native / torch, see ``kernels.dispatch``), ``soft_target_cross_entropy_reference`` (spec).
+Public API: ``soft_target_cross_entropy`` (dispatch: Triton / native / torch, see ``kernels.dispatch``),
+``soft_target_cross_entropy_reference`` (spec).
 """
 
 from __future__ import annotations

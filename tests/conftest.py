@@ -14,8 +14,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import kernels.dispatch  # noqa: E402
 import pytest  # noqa: E402
+
+import kernels.dispatch  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -7,7 +7,11 @@ these tolerances; inputs are made on the CPU and moved to ``impl_device(impl)``.
 
 from __future__ import annotations
 
+import pytest
 import torch
+
+import kernels.dispatch
+from kernels import KernelUnavailable
 from kernels.pseudo_mixup import MixDraws, random_derangement
 
 IMPLEMENTATIONS = ("reference", "torch", "native", "triton")
@@ -68,3 +72,13 @@ def ce_inputs(B: int, C: int, dtype: torch.dtype, seed: int = 0):
     label_a[-1], label_b[-1] = 0, C - 1  # first and last class
     lam = torch.rand(B, generator=g)
     return logits, label_a, label_b, lam
+
+
+def runs_float64(backend: str) -> bool:
+    """Triton kernels compute in float32: for them a float64 test checks the clear refusal instead
+    ('auto' sends float64 to native or torch)."""
+    if backend != "triton":
+        return True
+    with pytest.raises(KernelUnavailable, match="float64 is not supported"):
+        kernels.dispatch.resolve("triton", torch.device("cpu"), torch.float64)
+    return False

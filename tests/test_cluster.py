@@ -216,8 +216,9 @@ def test_fsdp_checkpoints_resume_exactly_on_two_ranks_and_reshard_to_one(tmp_pat
     assert len(optimizer.state) == len(list(student.parameters()))
     # ... and the engine resumes from it on one process and finishes
     (folder / "semi-final.pt").unlink()
-    one = subprocess.run([sys.executable, "-m", "engine.train", "--out", str(cut), *FSDP_SEMI, "--schedule.max_steps", "7",
-                          "--checkpoint.resume", "auto"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    one = subprocess.run([sys.executable, "-m", "engine.train", "--out", str(cut), *FSDP_SEMI,
+                          "--schedule.max_steps", "7", "--checkpoint.resume", "auto"],
+                         cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0, one.stderr[-3000:]
     assert "resumed at step 5/7 (saved by another number of processes" in one.stdout
     assert [p.name for p in ckpt.list_checkpoints(folder, "semi")][-1].endswith("s000007.dcp")

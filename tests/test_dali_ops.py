@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import require_dali
 from PIL import Image
 
-from conftest import require_dali
 from dataloading import pil_randaug as P
 from dataloading.randaug import parse_randaug
 

@@ -323,6 +323,7 @@ def test_corrupt_image_is_skipped_counted_and_validated(tmp_path):
     assert run(str(root)).returncode == 0
     assert run(str(tmp_path / "nowhere")).returncode == 2
     from torchvision.datasets.folder import IMG_EXTENSIONS
+
     from dataloading.validate import IMG_EXTENSIONS as checked
     assert checked == IMG_EXTENSIONS  # the validator checks exactly the files the loader reads
 

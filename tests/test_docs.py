@@ -11,8 +11,8 @@ import typing
 from pathlib import Path
 
 from engine.config.load import apply_override
-from engine.stages.specs import STAGE_SPECS
 from engine.config.tree import Config
+from engine.stages.specs import STAGE_SPECS
 
 ROOT = Path(__file__).resolve().parent.parent
 README = ROOT / "README.md"

@@ -77,12 +77,12 @@ def train_steps(stage_name: str, rank: int, world: int, strategy: str = "ddp") -
     from engine.metrics import MetricLogger
     from engine.optim import build_optimizer
     from engine.runtime import Runtime
+    from engine.sharding import full_state_dict
     from engine.stages import loop
     from engine.stages.finetune import FinetuneStage
-    from engine.sharding import full_state_dict
     from engine.stages.runner import build_student, shard_stage, stage_data, wrap_for_training
-    from engine.stages.specs import STAGE_SPECS
     from engine.stages.semi import SemiStage
+    from engine.stages.specs import STAGE_SPECS
 
     accum = 2 if stage_name == "finetune" else 1  # accumulation: no gradient sync on the first micro-step
     cfg = plan(stage_name, ("optim.accum_steps", str(accum)), ("dist.strategy", strategy))
@@ -96,7 +96,8 @@ def train_steps(stage_name: str, rank: int, world: int, strategy: str = "ddp") -
         stage = FinetuneStage(cfg, data, student, forward)
     else:  # a teacher whose head gives confidences around tau, so that the mask keeps about half
         teacher = dict(init)
-        teacher["head.weight"] = 0.2 * torch.randn(init["head.weight"].shape, generator=torch.Generator().manual_seed(11))
+        noise = torch.randn(init["head.weight"].shape, generator=torch.Generator().manual_seed(11))
+        teacher["head.weight"] = 0.2 * noise
         stage = SemiStage(cfg, data, student, forward, teacher_state=teacher)
     if fsdp:  # FSDP2: student and teacher sharded per block, the EMA on each rank's shards
         shard_stage(stage, cfg, rt)

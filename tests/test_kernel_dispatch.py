@@ -10,9 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import kernels
 import pytest
 import torch
+from conftest import impl_device, require_backend
+from kernel_cases import gen as _gen
+from test_op_ema import _net
+from test_op_pseudo_mixup import _mix_inputs
+from torch.overrides import TorchFunctionMode
+
+import kernels
 from kernels import (
     dispatch,
     draw_mix_randomness,
@@ -27,12 +33,6 @@ from kernels import (
     soft_target_cross_entropy,
     triton_ops,
 )
-from torch.overrides import TorchFunctionMode
-
-from conftest import impl_device, require_backend
-from kernel_cases import gen as _gen
-from test_op_ema import _net
-from test_op_pseudo_mixup import _mix_inputs
 
 ROOT = Path(__file__).resolve().parent.parent
 FUSED = ("native", "triton")
@@ -230,8 +230,8 @@ def test_one_semi_step_gives_the_same_loss_and_teacher_with_torch_and_native():
     from engine.runtime import Runtime
     from engine.stages.loop import optimizer_step
     from engine.stages.runner import build_student, stage_data, wrap_for_training
-    from engine.stages.specs import STAGE_SPECS
     from engine.stages.semi import SemiStage
+    from engine.stages.specs import STAGE_SPECS
 
     demo = ROOT / "configs" / "digits.toml"
     plan = load_plan(demo, [("run.stages", "semi"), ("logging.progress", "false"), ("semi.threshold", "0.1")])

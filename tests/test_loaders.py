@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import require_dali
 from PIL import Image
 
-from conftest import require_dali
 from dataloading import build_data
 from dataloading.build import resolve_loader
 from engine.config.sections import AugmentConfig, DataConfig

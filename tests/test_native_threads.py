@@ -9,10 +9,10 @@ import sys
 
 import pytest
 import torch
+from kernel_cases import EMA_SIZES, border_draws, ce_inputs, gen
+
 from kernels import native
 from kernels.pseudo_mixup import random_derangement
-
-from kernel_cases import EMA_SIZES, border_draws, ce_inputs, gen
 
 
 def _permutations(B: int, g: torch.Generator) -> dict[str, torch.Tensor]:
@@ -25,9 +25,9 @@ def _permutations(B: int, g: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
-@pytest.mark.parametrize(("B", "C", "H", "W", "dtype"), [(2, 3, 5, 7, torch.float32), (6, 3, 61, 67, torch.float32),
-                                                          (8, 3, 64, 64, torch.bfloat16), (80, 3, 16, 16, torch.float32),
-                                                          (7, 1, 200, 200, torch.float16)])
+@pytest.mark.parametrize(("B", "C", "H", "W", "dtype"), [
+    (2, 3, 5, 7, torch.float32), (6, 3, 61, 67, torch.float32), (8, 3, 64, 64, torch.bfloat16),
+    (80, 3, 16, 16, torch.float32), (7, 1, 200, 200, torch.float16)])
 def test_native_inplace_ops_match_the_new_tensor_ops(native_ops, threads, B, C, H, W, dtype):
     """pseudo_mixup_ / mix_batch_ write over the images exactly what pseudo_mixup / mix_batch return,
     for any permutation and any split of the cycles between threads (the images are large enough here
@@ -68,8 +68,8 @@ def test_native_inplace_ops_when_openmp_gives_fewer_threads_than_asked(native_op
         "assert torch.equal(images, out)\n"
     )
     env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=native._REPO_ROOT, env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run([sys.executable, "-c", script], cwd=native._REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -99,7 +99,8 @@ def test_native_same_results_for_any_thread_count(native_ops, threads):
     def run():
         t = [x.clone() for x in teacher]
         native_ops.ema_update_(t, student, 0.9)
-        return (t, native_ops.pseudo_label(logits, 0.5), native_ops.soft_target_ce(logits, *labels_lam, None, 0.1, True),
+        return (t, native_ops.pseudo_label(logits, 0.5),
+                native_ops.soft_target_ce(logits, *labels_lam, None, 0.1, True),
                 native_ops.pseudo_mixup(images, prob, *draws, 0.5))
 
     before = torch.get_num_threads()

@@ -3,12 +3,8 @@ behaviour of the public function, the native op and the Triton op."""
 
 from __future__ import annotations
 
-import kernels.dispatch
 import pytest
 import torch
-from kernels import KernelUnavailable, ema_tensors, ema_update, ema_update_reference
-from torch import nn
-
 from conftest import impl_device
 from kernel_cases import (
     EMA_SIZES,
@@ -17,6 +13,10 @@ from kernel_cases import (
     gen,
     runs,
 )
+from torch import nn
+
+import kernels.dispatch
+from kernels import KernelUnavailable, ema_tensors, ema_update, ema_update_reference
 
 
 @pytest.mark.parametrize("dtype", FLOATS)

@@ -7,21 +7,10 @@ import math
 
 import pytest
 import torch
-from kernels import KernelUnavailable
-
 from conftest import impl_device
-from kernel_cases import (
-    FLOATS,
-    LOGIT_CASES,
-    TOL,
-    awkward_logits,
-    gen,
-    runs,
-)
+from kernel_cases import FLOATS, LOGIT_CASES, TOL, awkward_logits, gen, runs
 
-_gen = gen
-
-from kernels import pseudo_label, pseudo_label_reference
+from kernels import KernelUnavailable, pseudo_label, pseudo_label_reference
 
 
 @pytest.mark.parametrize("case", LOGIT_CASES, ids=str)
@@ -66,7 +55,7 @@ def test_pseudo_label_known_values():
 
 @pytest.mark.usefixtures("kernels_backend")
 def test_pseudo_label_matches_reference_and_bf16():
-    z = torch.randn(37, 101, generator=_gen(), dtype=torch.float32) * 3
+    z = torch.randn(37, 101, generator=gen(), dtype=torch.float32) * 3
     z.requires_grad_(True)
     out, ref = pseudo_label(z, 0.3), pseudo_label_reference(z, 0.3)
     assert not out[0].requires_grad

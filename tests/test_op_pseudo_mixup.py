@@ -6,36 +6,13 @@ from __future__ import annotations
 import inspect
 import math
 
-import kernels.dispatch
 import pytest
 import torch
-from kernels import KernelUnavailable
-
 from conftest import impl_device
-from kernel_cases import (
-    FLOATS,
-    IMAGE_CASES,
-    TOL,
-    border_draws,
-    gen,
-    runs,
-)
-
-
-def _runs_float64(backend: str) -> bool:
-    """Triton kernels compute in float32: for them a float64 test checks the clear refusal instead
-    ('auto' sends float64 to native or torch)."""
-    if backend != "triton":
-        return True
-    with pytest.raises(KernelUnavailable, match="float64 is not supported"):
-        kernels.dispatch.resolve("triton", torch.device("cpu"), torch.float64)
-    return False
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
+from kernel_cases import FLOATS, IMAGE_CASES, TOL, border_draws, gen, runs, runs_float64
 
 from kernels import (
+    KernelUnavailable,
     MixDraws,
     draw_mix_randomness,
     labelled_mixup,
@@ -75,7 +52,7 @@ def test_pseudo_mixup_matches_the_reference_on_every_implementation(impl, case, 
 # ------------------------------------------------------------------------- public functions, per backend
 
 def _mix_inputs(B=6, C=3, H=7, W=5, dtype=torch.float32, seed=0):
-    g = _gen(seed)
+    g = gen(seed)
     images = torch.randn(B, C, H, W, generator=g).to(dtype)
     prob = torch.rand(B, generator=g) * 0.9 + 0.1
     label = torch.randint(0, 10, (B,), generator=g)
@@ -95,7 +72,7 @@ def _is_single_cycle(partner: torch.Tensor) -> bool:
 @pytest.mark.usefixtures("kernels_backend")
 def test_partner_is_a_derangement(B):
     for seed in range(20):
-        d = draw_mix_randomness(B, 7, 5, 0.5, "cpu", _gen(seed))
+        d = draw_mix_randomness(B, 7, 5, 0.5, "cpu", gen(seed))
         partner = d.partner
         assert partner.dtype == torch.int64 and partner.shape == (B,)
         assert torch.equal(partner.sort().values, torch.arange(B))  # a permutation
@@ -103,16 +80,16 @@ def test_partner_is_a_derangement(B):
         assert _is_single_cycle(partner)  # one B-cycle
         if B >= 3:  # hence no 2-cycles: nobody is their partner's partner
             assert not bool((partner[partner] == torch.arange(B)).any())
-    assert torch.equal(draw_mix_randomness(2, 7, 5, 0.5, "cpu", _gen()).partner, torch.tensor([1, 0]))
+    assert torch.equal(draw_mix_randomness(2, 7, 5, 0.5, "cpu", gen()).partner, torch.tensor([1, 0]))
     if B > 2:  # random, not a fixed pairing
-        assert len({tuple(draw_mix_randomness(B, 7, 5, 0.5, "cpu", _gen(s)).partner.tolist()) for s in range(5)}) > 1
+        assert len({tuple(draw_mix_randomness(B, 7, 5, 0.5, "cpu", gen(s)).partner.tolist()) for s in range(5)}) > 1
 
 
 @pytest.mark.usefixtures("kernels_backend")
 def test_random_derangement_covers_all_cycles():
     # B = 4: (4 - 1)! = 6 four-cycles, each with probability 1/6
     seen = {}
-    g = _gen(1)
+    g = gen(1)
     for _ in range(600):
         key = tuple(random_derangement(4, "cpu", g).tolist())
         seen[key] = seen.get(key, 0) + 1
@@ -124,8 +101,8 @@ def test_random_derangement_covers_all_cycles():
 def test_draw_order_partner_last():
     # use_cutmix, cy, cx come first, from the same stream as before the partner existed
     B, H, W = 8, 9, 11
-    d = draw_mix_randomness(B, H, W, 0.5, "cpu", _gen(7))
-    g = _gen(7)
+    d = draw_mix_randomness(B, H, W, 0.5, "cpu", gen(7))
+    g = gen(7)
     assert torch.equal(d.use_cutmix, torch.rand(B, generator=g) < 0.5)
     assert torch.equal(d.cy, torch.randint(0, H, (B,), generator=g))
     assert torch.equal(d.cx, torch.randint(0, W, (B,), generator=g))
@@ -139,7 +116,7 @@ def test_draw_order_partner_last():
 def test_pseudo_mixup_matches_reference(seed, dtype, B):
     images, prob, label = _mix_inputs(B=B, dtype=dtype, seed=seed)
     _, _, H, W = images.shape
-    draws = draw_mix_randomness(B, H, W, 0.5, "cpu", _gen(100 + seed))
+    draws = draw_mix_randomness(B, H, W, 0.5, "cpu", gen(100 + seed))
     keep = images.clone()
     out = pseudo_mixup(images, prob, label, 0.6, draws=draws)
     ref = pseudo_mixup_reference(images, prob, label, 0.6, draws=draws)
@@ -159,23 +136,23 @@ def test_donated_batch_gives_the_same_mix(B, kernels_backend):
     """donate=True: the same mixed batch, lam and mask as without it; the native op writes it over the
     donated images (no new tensor), the others leave them alone and return a new one."""
     images, prob, label = _mix_inputs(B=B, H=9, W=11, seed=B)
-    draws = draw_mix_randomness(B, 9, 11, 0.5, "cpu", _gen(7))
+    draws = draw_mix_randomness(B, 9, 11, 0.5, "cpu", gen(7))
     kept = pseudo_mixup(images, prob, label, 0.6, draws=draws)
     donated = images.clone()
     got = pseudo_mixup(donated, prob, label, 0.6, draws=draws, donate=True)
     assert torch.equal(got.images, kept.images) and torch.equal(got.lam, kept.lam) and torch.equal(got.mask, kept.mask)
     assert (got.images is donated) == (kernels_backend == "native")
     for seed in range(4):  # labelled mixup (flip(0) pairs: 2-cycles), mixup and cutmix draws
-        kept = labelled_mixup(images, label, generator=_gen(seed))
-        got = labelled_mixup(images.clone(), label, generator=_gen(seed), donate=True)
+        kept = labelled_mixup(images, label, generator=gen(seed))
+        got = labelled_mixup(images.clone(), label, generator=gen(seed), donate=True)
         assert torch.equal(got.images, kept.images) and torch.equal(got.lam, kept.lam)
 
 
 def test_pseudo_mixup_float64_keeps_precision(kernels_backend):
-    if not _runs_float64(kernels_backend):
+    if not runs_float64(kernels_backend):
         return
     images, prob, label = _mix_inputs(dtype=torch.float64)
-    d = draw_mix_randomness(6, 7, 5, 0.5, "cpu", _gen(9))
+    d = draw_mix_randomness(6, 7, 5, 0.5, "cpu", gen(9))
     out = pseudo_mixup(images, prob, label, 0.5, draws=d)
     ref = pseudo_mixup_reference(images, prob, label, 0.5, draws=d)
     assert out.images.dtype == torch.float64
@@ -185,9 +162,9 @@ def test_pseudo_mixup_float64_keeps_precision(kernels_backend):
 @pytest.mark.usefixtures("kernels_backend")
 def test_pseudo_mixup_same_generator_same_result():
     images, prob, label = _mix_inputs(B=8, H=9, W=11)
-    a = pseudo_mixup(images, prob, label, 0.5, generator=_gen(3))
-    b = pseudo_mixup_reference(images, prob, label, 0.5, generator=_gen(3))
-    c = pseudo_mixup(images, prob, label, 0.5, draws=draw_mix_randomness(8, 9, 11, 0.5, "cpu", _gen(3)))
+    a = pseudo_mixup(images, prob, label, 0.5, generator=gen(3))
+    b = pseudo_mixup_reference(images, prob, label, 0.5, generator=gen(3))
+    c = pseudo_mixup(images, prob, label, 0.5, draws=draw_mix_randomness(8, 9, 11, 0.5, "cpu", gen(3)))
     torch.testing.assert_close(a.images, b.images, rtol=0, atol=1e-6)
     assert torch.equal(a.lam, b.lam) and torch.equal(a.label_b, b.label_b) and torch.equal(a.mask, b.mask)
     assert torch.equal(a.images, c.images) and torch.equal(a.label_b, c.label_b)
@@ -202,7 +179,7 @@ def _no_cut(B: int, partner: torch.Tensor) -> MixDraws:
 def test_pseudo_mixup_mixup_pairs():
     images, prob, label = _mix_inputs()
     B = images.shape[0]
-    partner = random_derangement(B, "cpu", _gen(2))
+    partner = random_derangement(B, "cpu", gen(2))
     out = pseudo_mixup(images, prob, label, 0.5, draws=_no_cut(B, partner))
     p_j = prob[partner]
     torch.testing.assert_close(out.lam * (prob + p_j), prob)  # lam_i (p_i + p_j) = p_i
@@ -219,12 +196,12 @@ def test_pseudo_mixup_mixup_pairs():
 @pytest.mark.usefixtures("kernels_backend")
 def test_pseudo_mixup_no_duplicate_images(B):
     # the defect of flip(0) pairing: with everyone on mixup, a pair (i, j = B-1-i) got one image twice
-    g = _gen(B)
+    g = gen(B)
     images = torch.randn(B, 3, 8, 8, generator=g)
     prob = torch.randperm(B, generator=g).float() / (2 * B) + 0.5  # distinct confidences
     label = torch.arange(B)
     for seed in range(5):
-        d = draw_mix_randomness(B, 8, 8, 0.0, "cpu", _gen(seed))  # cutmix_prob 0: all mixup
+        d = draw_mix_randomness(B, 8, 8, 0.0, "cpu", gen(seed))  # cutmix_prob 0: all mixup
         assert not bool(d.use_cutmix.any())
         out = pseudo_mixup(images, prob, label, 0.5, draws=d).images.flatten(1)  # (B, C*H*W)
         dist = torch.cdist(out, out) + torch.eye(B) * 1e9
@@ -277,8 +254,8 @@ def test_pseudo_mixup_mask_uses_merged_confidence():
     shift = _no_cut(6, torch.tensor([1, 2, 3, 4, 5, 0]))
     for fn in (pseudo_mixup, pseudo_mixup_reference):
         assert torch.equal(fn(images, prob, label, 0.5, draws=shift).mask, torch.tensor([1.0, 0, 0, 1, 1, 1]))
-    out = pseudo_mixup(images, prob, label, 0.5, generator=_gen())
-    partner = draw_mix_randomness(6, 7, 5, 0.5, "cpu", _gen()).partner  # the same draws
+    out = pseudo_mixup(images, prob, label, 0.5, generator=gen())
+    partner = draw_mix_randomness(6, 7, 5, 0.5, "cpu", gen()).partner  # the same draws
     assert torch.equal(out.mask, (torch.maximum(prob, prob[partner]) >= 0.5).float())
 
 
@@ -294,7 +271,7 @@ def test_pseudo_mixup_odd_batch_raises():
 @pytest.mark.usefixtures("kernels_backend")
 def test_pseudo_mixup_bad_draws_raise():
     images, prob, label = _mix_inputs(B=6)
-    d = draw_mix_randomness(4, 7, 5, 0.5, "cpu", _gen())
+    d = draw_mix_randomness(4, 7, 5, 0.5, "cpu", gen())
     for fn in (pseudo_mixup, pseudo_mixup_reference):
         with pytest.raises(ValueError, match=r"draws.use_cutmix must be \(6,\)"):
             fn(images, prob, label, 0.5, draws=d)
@@ -304,7 +281,7 @@ def test_pseudo_mixup_bad_draws_raise():
 def test_mix_batch_partner_index_equals_flip():
     images, prob, _ = _mix_inputs(B=6)
     B, _, H, W = images.shape
-    d = draw_mix_randomness(B, H, W, 0.5, "cpu", _gen(5))
+    d = draw_mix_randomness(B, H, W, 0.5, "cpu", gen(5))
     lam = prob / (prob + prob.flip(0))
     a = mix_batch(images, lam, d.use_cutmix, d.cy, d.cx)
     b = mix_batch(images, lam, d.use_cutmix, d.cy, d.cx, partner_index=torch.arange(B - 1, -1, -1))
@@ -316,11 +293,11 @@ def test_mix_batch_partner_index_is_a_gather():
     # mixing with partner_index equals relabelling: permute the batch, mix by flip, permute back
     images, prob, _ = _mix_inputs(B=6, H=9, W=11)
     B, _, H, W = images.shape
-    d = draw_mix_randomness(B, H, W, 0.5, "cpu", _gen(6))
+    d = draw_mix_randomness(B, H, W, 0.5, "cpu", gen(6))
     for dtype in (torch.float32, torch.bfloat16):
         x = images.to(dtype)
         # a partner that is an involution, so it is flip(0) in some order: pairs (order[k], order[B-1-k])
-        order = torch.randperm(B, generator=_gen(8))
+        order = torch.randperm(B, generator=gen(8))
         partner = torch.empty_like(order)
         partner[order] = order.flip(0)
         lam = prob / (prob + prob[partner])
@@ -337,8 +314,8 @@ def test_labelled_mixup_deterministic_and_in_range():
     images, _, labels = _mix_inputs(B=8, H=16, W=16)
     seen_cut = seen_mix = False
     for seed in range(20):
-        a = labelled_mixup(images, labels, generator=_gen(seed))
-        b = labelled_mixup(images, labels, generator=_gen(seed))
+        a = labelled_mixup(images, labels, generator=gen(seed))
+        b = labelled_mixup(images, labels, generator=gen(seed))
         assert torch.equal(a.images, b.images) and torch.equal(a.lam, b.lam)
         assert bool(((a.lam >= 0) & (a.lam <= 1)).all())
         assert torch.equal(a.lam, a.lam[:1].expand(8))  # one lam for the batch
@@ -351,8 +328,8 @@ def test_labelled_mixup_deterministic_and_in_range():
             seen_cut = True
             assert bool(((a.images == images) | (a.images == images.flip(0))).all())
     assert seen_cut and seen_mix
-    assert not torch.equal(labelled_mixup(images, labels, generator=_gen(0)).lam,
-                           labelled_mixup(images, labels, generator=_gen(1)).lam)
+    assert not torch.equal(labelled_mixup(images, labels, generator=gen(0)).lam,
+                           labelled_mixup(images, labels, generator=gen(1)).lam)
 
 
 @pytest.mark.usefixtures("kernels_backend")
@@ -362,9 +339,9 @@ def test_labelled_mixup_single_modes_and_identity():
     ident = labelled_mixup(images, labels, mixup_alpha=0.0, cutmix_alpha=0.0)
     assert torch.equal(ident.images, images) and torch.equal(ident.lam, torch.ones(4))
     assert torch.equal(ident.label_a, labels) and torch.equal(ident.label_b, labels)
-    cut = labelled_mixup(images, labels, mixup_alpha=0.0, cutmix_alpha=1.0, generator=_gen(2))
+    cut = labelled_mixup(images, labels, mixup_alpha=0.0, cutmix_alpha=1.0, generator=gen(2))
     assert bool(((cut.images == images) | (cut.images == images.flip(0))).all())
-    mix = labelled_mixup(images, labels, mixup_alpha=0.8, cutmix_alpha=0.0, generator=_gen(2))
+    mix = labelled_mixup(images, labels, mixup_alpha=0.8, cutmix_alpha=0.0, generator=gen(2))
     lam = mix.lam[0]
     torch.testing.assert_close(mix.images, lam * images + (1 - lam) * images.flip(0), rtol=0, atol=1e-6)
     assert torch.equal(images, keep)

@@ -5,35 +5,12 @@ from __future__ import annotations
 
 import math
 
-import kernels.dispatch
 import pytest
 import torch
-from kernels import KernelUnavailable
-
 from conftest import impl_device
-from kernel_cases import (
-    FLOATS,
-    LOGIT_CASES,
-    TOL,
-    ce_inputs,
-    runs,
-)
+from kernel_cases import FLOATS, LOGIT_CASES, TOL, ce_inputs, gen, runs, runs_float64
 
-
-def _runs_float64(backend: str) -> bool:
-    """Triton kernels compute in float32: for them a float64 test checks the clear refusal instead
-    ('auto' sends float64 to native or torch)."""
-    if backend != "triton":
-        return True
-    with pytest.raises(KernelUnavailable, match="float64 is not supported"):
-        kernels.dispatch.resolve("triton", torch.device("cpu"), torch.float64)
-    return False
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-from kernels import soft_target_cross_entropy, soft_target_cross_entropy_reference
+from kernels import KernelUnavailable, soft_target_cross_entropy, soft_target_cross_entropy_reference
 from kernels.soft_target_ce import _SoftTargetCE
 
 
@@ -99,7 +76,7 @@ def test_soft_ce_hand_computed():
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.usefixtures("kernels_backend")
 def test_soft_ce_matches_reference(B, C, with_mask):
-    g = _gen(B * C)
+    g = gen(B * C)
     logits = (torch.randn(B, C, generator=g) * 4).requires_grad_(True)
     la, lb = torch.randint(0, C, (B,), generator=g), torch.randint(0, C, (B,), generator=g)
     lb[0] = la[0]  # same label twice
@@ -116,9 +93,9 @@ def test_soft_ce_matches_reference(B, C, with_mask):
 
 
 def test_soft_ce_gradcheck_float64(kernels_backend):
-    if not _runs_float64(kernels_backend):
+    if not runs_float64(kernels_backend):
         return
-    g = _gen(7)
+    g = gen(7)
     B, C = 4, 5
     logits = torch.randn(B, C, generator=g, dtype=torch.float64, requires_grad=True)
     la, lb = torch.randint(0, C, (B,), generator=g), torch.randint(0, C, (B,), generator=g)
@@ -131,7 +108,7 @@ def test_soft_ce_gradcheck_float64(kernels_backend):
 
 @pytest.mark.usefixtures("kernels_backend")
 def test_soft_ce_masked_samples_count_as_zero():
-    g = _gen(11)
+    g = gen(11)
     logits = torch.randn(6, 10, generator=g)
     la, lb = torch.randint(0, 10, (6,), generator=g), torch.randint(0, 10, (6,), generator=g)
     lam = torch.rand(6, generator=g)
@@ -146,7 +123,7 @@ def test_soft_ce_masked_samples_count_as_zero():
 
 @pytest.mark.usefixtures("kernels_backend")
 def test_soft_ce_bf16_close_to_float32():
-    g = _gen(12)
+    g = gen(12)
     z32 = torch.randn(16, 100, generator=g) * 3
     zb = z32.bfloat16().requires_grad_(True)
     la, lb = torch.randint(0, 100, (16,), generator=g), torch.randint(0, 100, (16,), generator=g)
@@ -210,7 +187,10 @@ def test_native_soft_target_ce_gradcheck(native_ops):
     z = logits.requires_grad_()
     mask = torch.tensor([1.0, 0.0, 0.5])
     # first derivatives only: the saved gradient is not differentiable again (as the torch version)
-    assert torch.autograd.gradcheck(lambda x: native_ops.soft_target_ce(x, label_a, label_b, lam, mask, 0.1, True)[0], (z,))
+    def loss(x):
+        return native_ops.soft_target_ce(x, label_a, label_b, lam, mask, 0.1, True)[0]
+
+    assert torch.autograd.gradcheck(loss, (z,))
 
 
 def test_native_soft_target_ce_errors(native_ops):

@@ -19,8 +19,8 @@ from engine.session import run_plan
 from engine.stages import loop as loop_mod
 from engine.stages.common import EmaTeacher
 from engine.stages.runner import build_student, stage_data, wrap_for_training
-from engine.stages.specs import STAGE_SPECS
 from engine.stages.semi import SemiStage
+from engine.stages.specs import STAGE_SPECS
 from engine.train import main
 from kernels import soft_target_cross_entropy_reference
 
@@ -353,7 +353,8 @@ def test_baseline_differs_from_the_pretrained_path_only_in_pretraining():
 
 
 def test_user_errors_name_the_key_and_the_fix(tmp_path, capsys):
-    assert main(["--out", str(tmp_path / "a"), "--run.stages", "finetune", "--model.init", str(tmp_path / "no.pt")]) == 2
+    missing = str(tmp_path / "no.pt")
+    assert main(["--out", str(tmp_path / "a"), "--run.stages", "finetune", "--model.init", missing]) == 2
     err = capsys.readouterr().err
     assert "model.init" in err and "no.pt" in err and '--model.init ""' in err
     assert main(["--out", str(tmp_path / "b"), "--run.stages", "pseudo_label", "--run.threads", "1"]) == 2

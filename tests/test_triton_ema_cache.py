@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kernels.ema import ema_update_reference
-
 from conftest import impl_device
+
+from kernels.ema import ema_update_reference
 
 DEV = impl_device("triton")
 

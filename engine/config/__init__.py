@@ -5,8 +5,20 @@ The sections and the Config tree are the project's bottom layer (they import not
 """
 
 from engine.config.sections import (
-    AugmentConfig, CheckpointConfig, DataConfig, DistConfig, EmaConfig, EvalConfig, LoggingConfig,
-    MaeConfig, ModelConfig, OptimConfig, ProfileConfig, RunConfig, ScheduleConfig, SemiConfig,
+    AugmentConfig,
+    CheckpointConfig,
+    DataConfig,
+    DistConfig,
+    EmaConfig,
+    EvalConfig,
+    LoggingConfig,
+    MaeConfig,
+    ModelConfig,
+    OptimConfig,
+    ProfileConfig,
+    RunConfig,
+    ScheduleConfig,
+    SemiConfig,
 )
 from engine.config.tree import Config, build_dataclass
 

@@ -8,8 +8,21 @@ import typing
 from dataclasses import dataclass, field
 
 from engine.config.sections import (
-    AugmentConfig, CheckpointConfig, DataConfig, DistConfig, EmaConfig, EvalConfig, LoggingConfig,
-    MaeConfig, ModelConfig, OptimConfig, ProfileConfig, RunConfig, ScheduleConfig, SemiConfig, check,
+    AugmentConfig,
+    CheckpointConfig,
+    DataConfig,
+    DistConfig,
+    EmaConfig,
+    EvalConfig,
+    LoggingConfig,
+    MaeConfig,
+    ModelConfig,
+    OptimConfig,
+    ProfileConfig,
+    RunConfig,
+    ScheduleConfig,
+    SemiConfig,
+    check,
 )
 from engine.errors import ConfigError
 

@@ -14,8 +14,8 @@ from torch.utils.checkpoint import checkpoint
 
 from engine.config import MaeConfig, ModelConfig
 
-from .pos_embed import get_2d_sincos_pos_embed
 from .build import arch_spec, backend_checked
+from .pos_embed import get_2d_sincos_pos_embed
 from .vit import Block, VisionTransformer
 
 DECODER_KEYS = ("mask_token", "decoder_")  # a state-dict key starting with one of these is not the encoder's

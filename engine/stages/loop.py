@@ -119,7 +119,8 @@ def optimizer_step(stage, forward_model, optimizer, params, batches, cfg: Config
         with rt.autocast():
             batch = stage.prepare(batch)
         sync = micro == accum - 1 or not rt.distributed
-        with phase("student_forward_backward"), (contextlib.nullcontext() if sync else skip_gradient_sync(forward_model)):
+        no_sync = contextlib.nullcontext() if sync else skip_gradient_sync(forward_model)
+        with phase("student_forward_backward"), no_sync:
             with rt.autocast():
                 loss, metrics, images = stage.loss(batch)
             (loss / accum).backward()

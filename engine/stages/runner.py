@@ -25,6 +25,7 @@ from engine.stages.base import Stage
 from engine.stages.evaluate import evaluate_models
 from engine.stages.loop import train_steps
 
+
 def stage_data(cfg: Config, rt: Runtime, spec):
     """The data streams `spec` reads, checked against the model's classes and channels."""
     data = build_data(cfg.data, cfg.augment, img_size=cfg.model.img_size, batch_size=cfg.data.batch_size,
@@ -157,7 +158,10 @@ def run_pseudo_label(spec, cfg: Config, rt: Runtime, run_dir: Path, carry: dict 
     """Stage "pseudo_label": the teacher of the previous stage (or eval.checkpoint) labels the unlabelled pool
     into RUN/pseudo_labels.csv. Rank 0 does the work; the file is small next to a training run."""
     from engine.inference import load_classifier  # lazy: only this stage reads image files
-    from engine.pseudo_label import describe, export_pseudo_labels  # lazy: it loads the config loader, which loads this module
+    from engine.pseudo_label import (  # lazy: it loads the config loader, which loads this module
+        describe,
+        export_pseudo_labels,
+    )
 
     summary: dict = {}
     if rt.is_main:

@@ -35,7 +35,7 @@ def _triton_version() -> str | None:
         if importlib.util.find_spec("triton") is None:
             return None
         import triton  # noqa: PLC0415 (optional dependency, imported on demand)
-    except Exception:  # a broken (or blocked) install counts as missing
+    except Exception:  # noqa: BLE001 (a broken or blocked install counts as missing)
         return None
     return getattr(triton, "__version__", "?")
 

@@ -129,7 +129,7 @@ def ema_update_impl(teacher: list[Tensor], student: list[Tensor], decay: float) 
     """In place: t <- t + (1 - decay)(s - t) for every pair, one launch per (dtype, dtype) group.
 
     The body of ``torch.ops.semivit_triton.ema_update_``, callable directly in eager mode: the custom-op
-    dispatcher costs ~0.3 ms of host time per call for ~400 + 400 tensors (measured on a slow CPU)."""
+    dispatcher's per-tensor handling of two ~400-tensor lists costs host time the kernel itself does not."""
     if len(teacher) != len(student) or not 0.0 <= decay <= 1.0:
         _check(teacher, student, decay)
     block, chunk, warps = CONFIG["block"], CONFIG["chunk"], CONFIG["num_warps"]

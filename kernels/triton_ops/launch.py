@@ -5,11 +5,11 @@
 interpreted function instead, which older torch releases' ``wrap_triton`` reject; it launches as it is
 (the interpreter only runs in eager mode anyway).
 
-``repair_interpreter()`` (called by ``launchable`` for interpreted kernels): some Triton interpreters turn a runtime scalar into a Python int with
-``int(array_of_one_element)``, which NumPy >= 2.4 rejects ("only 0-dimensional arrays can be converted
-to Python scalars"), so a loop such as ``tl.range(0, C, BLOCK_C)`` with a runtime ``C`` fails there.
-It makes the interpreter read the element instead. Nothing changes outside the interpreter: the
-kernels compiled for CUDA never go through this path.
+``repair_interpreter()`` (called by ``launchable`` for interpreted kernels): some Triton interpreters turn a
+runtime scalar into a Python int with ``int(array_of_one_element)``, which NumPy >= 2.4 rejects ("only
+0-dimensional arrays can be converted to Python scalars"), so a loop such as ``tl.range(0, C, BLOCK_C)`` with a
+runtime ``C`` fails there. It makes the interpreter read the element instead. Nothing changes outside the
+interpreter: the kernels compiled for CUDA never go through this path.
 """
 
 from __future__ import annotations

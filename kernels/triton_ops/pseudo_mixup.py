@@ -2,15 +2,15 @@
 
 Schemas, input check and fakes: ``kernels.contract``.
 
-One kernel, grid (B, tiles of the C*H rows, tiles of the W columns): each program covers a
-BLOCK_H x BLOCK_W tile of one sample (so an element's row and column need no integer division) and loads its sample's draws and partner j,
-computes lam_i (pseudo: p_i / (p_i + p_j) in float32, 0.5 when p_i + p_j == 0) and the cutmix box
-exactly as docs/kernels.md (r = sqrt(max(1 - lam, 0)) in float64, integer truncation, // 2, clamp),
-reads its tile of x_i and x_j and writes the tile once: cutmix pixels are selected (exact copies),
-mixup pixels are x_j + lam (x_i - x_j) in float32 (float64 for float64 images), rounded once,
-evaluated like ``torch.lerp`` (x_i - (x_i - x_j)(1 - lam) when lam >= 0.5), so lam = 0 and lam = 1
-give exact copies and float32 results match the torch path bit for bit. The
-per-sample outputs (corrected lam, mask) are written by the first tile of each sample. No host sync.
+One kernel, grid (B, tiles of the C*H rows, tiles of the W columns): each program covers a BLOCK_H x BLOCK_W
+tile of one sample (so an element's row and column need no integer division) and loads its sample's draws and
+partner j, computes lam_i (pseudo: p_i / (p_i + p_j) in float32, 0.5 when p_i + p_j == 0) and the cutmix box
+exactly as docs/kernels.md (r = sqrt(max(1 - lam, 0)) in float64, integer truncation, // 2, clamp), reads its
+tile of x_i and x_j and writes the tile once: cutmix pixels are selected (exact copies), mixup pixels are x_j +
+lam (x_i - x_j) in float32 (float64 for float64 images), rounded once, evaluated like ``torch.lerp`` (x_i - (x_i
+- x_j)(1 - lam) when lam >= 0.5), so lam = 0 and lam = 1 give exact copies and float32 results match the torch
+path bit for bit. The per-sample outputs (corrected lam, mask) are written by the first tile of each sample. No
+host sync.
 
 images float32 / bf16 / fp16 / float64, contiguous (B, C, H, W); prob / lam (B,) float32,
 use_cutmix (B,) bool, cy, cx, partner (B,) int64. Registered with ``torch.library.triton_op``.

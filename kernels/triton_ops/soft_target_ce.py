@@ -5,7 +5,8 @@ Schema, input check and fake: ``kernels.contract``.
     lse_i = log sum_c exp(z_ic)
     ce_i  = lse_i - (1 - s)(lam_i z_{i,a_i} + (1 - lam_i) z_{i,b_i}) - (s / C) sum_c z_ic
     loss  = (1 / B) sum_i mask_i ce_i                                  (0-d float32)
-    grad_ic = d loss / d z_ic = (mask_i / B)(exp(z_ic - lse_i) - s / C - (1 - s)(lam_i [c = a_i] + (1 - lam_i) [c = b_i]))
+    grad_ic = d loss / d z_ic
+            = (mask_i / B)(exp(z_ic - lse_i) - s / C - (1 - s)(lam_i [c = a_i] + (1 - lam_i) [c = b_i]))
               ((B, C) float32 when with_grad, else shape (0,))
 
 One program per row: tiles of BLOCK_C over C with a per-lane online max / sum of exp and a running sum
