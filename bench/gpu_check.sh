@@ -6,7 +6,7 @@
 #
 # Runs, each under a hard time cap, writing only under OUT_DIR (7 files):
 #   env.txt          versions (Python, torch, torchvision, triton, numpy), the device, `python -m kernels`
-#   pytest-cuda.log  the Triton rows of the kernel tests on CUDA tensors (the real kernels, no interpreter)
+#   pytest-cuda.log  the Triton tests (tests/unit -k triton) on CUDA tensors: the real kernels, no interpreter
 #   gpu-suite.json   python -m bench.gpu_suite: kernel correctness + GB/s vs copy, the ViT-B/16 and ViT-H/14
 #                    semi steps (img/s, MFU, peak memory vs the dry run), the original-style step, Triton vs
 #                    torch step, torch.compile, attention/forward, the kernels' launch sweeps, the largest
@@ -64,7 +64,7 @@ print('python', platform.python_version(), '| torch', torch.__version__, '| torc
       '| triton', tv, '| numpy', numpy.__version__)
 print('device:', torch.cuda.get_device_name() if torch.cuda.is_available() else 'no CUDA device')"
 part kernels 40 "$OUT/env.txt" -- "$PY" -m kernels
-part tests 120 "$OUT/pytest-cuda.log" -- "$PY" -m pytest tests/test_op_*.py -q -p no:cacheprovider -k triton
+part tests 120 "$OUT/pytest-cuda.log" -- "$PY" -m pytest tests/unit -q -p no:cacheprovider -k triton
 part gpu_suite 280 "$OUT/gpu-suite.log" -- "$PY" -m bench.gpu_suite "${SMOKE[@]}" --budget $(( 220 * SCALE )) \
     --out "$OUT/gpu-suite.json" --results-md "$OUT/RESULTS-gpu.md"
 timeout 15 "$PY" -m bench.gpu_summary "$OUT" > "$OUT/summary.txt" 2>&1

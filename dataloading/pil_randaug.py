@@ -1,7 +1,7 @@
 """timm's RandAugment and random erasing for the CPU (torch) loader, drawing from torch's RNG.
 
 Semi-ViT built its transforms with timm's `create_transform`; these are the same operations, written
-here so the engine does not need timm at run time (timm is a test dependency: tests/test_augment_timm.py
+here so the engine does not need timm at run time (timm is a test dependency: tests/unit/test_augment_timm.py
 compares every op with timm's own on fixed images). Randomness comes from torch's global RNG, which the
 folder dataset seeds per sample, so a resumed epoch draws the same augmentations.
 

@@ -2,7 +2,7 @@
 
 Both backends register these ops, each in its namespace: the Triton module (``semivit_triton``, from
 this table) and the native library (``semivit_native``; its C++ ``m.def`` strings are tested to equal
-this table, ``tests/test_kernel_contract.py``). The semantics of each op are in docs/kernels.md.
+this table, ``tests/unit/test_kernel_contract.py``). The semantics of each op are in docs/kernels.md.
 
 ``check_<op>``: the metadata-only input check (shapes, dtypes, layout; no host sync). The Triton ops
 run it on every call and both backends' fakes run it while tracing; the native CPU kernels repeat it in

@@ -1,6 +1,6 @@
 """What the per-op kernel tests share: the implementations, the awkward cases, one tolerance table.
 
-Each ``tests/test_op_*.py`` runs its op once per implementation (reference, torch, native, Triton;
+Each ``tests/unit/test_op_*.py`` runs its op once per implementation (reference, torch, native, Triton;
 ``impl`` in conftest.py) x case x dtype and compares outputs and gradients with the reference, with
 these tolerances; inputs are made on the CPU and moved to ``impl_device(impl)``.
 """

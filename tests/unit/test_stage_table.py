@@ -12,7 +12,7 @@ import pytest
 from engine.config import load_plan
 from engine.stages.specs import STAGE_SPECS, ReportRow
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "digits.toml"
 MAX_FUNCTION_LINES = 60
 MAX_STAGE_NAME_COMPARISONS = 3

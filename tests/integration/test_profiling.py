@@ -15,7 +15,7 @@ from engine.runtime import Runtime
 from engine.session import run_plan
 from engine.train import main
 
-DEMO = Path(__file__).resolve().parent.parent / "configs" / "digits.toml"
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "digits.toml"
 FAST = [("logging.progress", "false"), ("logging.tensorboard", "false"), ("run.threads", "1"),
         ("run.stages", "semi"), ("checkpoint.export_safetensors", "false")]
 

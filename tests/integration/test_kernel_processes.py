@@ -1,4 +1,5 @@
-"""The Triton kernels compile for sm_90 without a GPU, and the GPU kernel benchmark runs in its smoke form."""
+"""Kernel checks that start a process of their own: `python -m kernels`, importing without loading the native
+library, an OpenMP team smaller than asked for, the GPU kernels benchmark's smoke form, the sm_90 compile."""
 
 from __future__ import annotations
 
@@ -11,7 +12,50 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from kernels import (
+    dispatch,
+    native,
+)
+
+ROOT = Path(__file__).resolve().parents[2]
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_python_m_kernels_reports_every_op():
+    out = subprocess.run([sys.executable, "-m", "kernels"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for op in dispatch.OPS:
+        assert f"{op}" in out.stdout
+    assert "cpu tensors:" in out.stdout and "native" in out.stdout and "triton" in out.stdout
+
+
+def test_import_does_not_load_the_library():
+    code = ("import kernels, torch; import kernels.native as n; "
+            "assert not any('semivit_native' in p for p in torch.ops.loaded_libraries), torch.ops.loaded_libraries; "
+            "assert not n._loaded")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=native._REPO_ROOT, capture_output=True)
+
+
+def test_native_inplace_ops_when_openmp_gives_fewer_threads_than_asked(native_ops):
+    """OMP_THREAD_LIMIT=1 with torch set to 3 threads: the op plans 3 shares, the team has 1 thread,
+    which must then visit every share (a share left unvisited would leave images unmixed)."""
+    script = (
+        "import torch, kernels.native\n"
+        "assert kernels.native.load()\n"
+        "torch.set_num_threads(3)\n"
+        "from kernels.pseudo_mixup import draw_mix_randomness\n"
+        "g = torch.Generator().manual_seed(0)\n"
+        "images, prob = torch.randn(12, 3, 64, 64, generator=g), torch.rand(12, generator=g)\n"
+        "d = draw_mix_randomness(12, 64, 64, 0.5, 'cpu', g)\n"
+        "out, _, _ = torch.ops.semivit_native.pseudo_mixup(images, prob, *d, 0.5)\n"
+        "torch.ops.semivit_native.pseudo_mixup_(images, prob, *d, 0.5)\n"
+        "assert torch.equal(images, out)\n"
+    )
+    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
+    done = subprocess.run([sys.executable, "-c", script], cwd=native._REPO_ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_triton_gpu_kernels_bench_smoke(triton_ns, tmp_path):

@@ -20,7 +20,7 @@ from dataloading.tensor_augment import strong, weak
 from engine.config.sections import AugmentConfig, DataConfig
 from engine.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 # ----------------------------------------------------------------------------------------------- digits

@@ -21,7 +21,7 @@ from engine.session import run_plan
 from engine.stages import semi as semi_mod
 from engine.train import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "digits.toml"
 FAST = ["--logging.progress", "false", "--logging.tensorboard", "false", "--run.threads", "1"]
 # finetune: 50 labels, batch 16 -> 3 steps per epoch; a rolling checkpoint every epoch

@@ -17,7 +17,7 @@ from engine.inference import load_classifier
 from engine.models.build import build_model
 from engine.session import run_plan
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "digits.toml"
 
 

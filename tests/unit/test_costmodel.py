@@ -14,7 +14,7 @@ from engine.models.vit import ARCHS, build_vit
 from engine.train import main
 from kernels import soft_target_cross_entropy
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -22,7 +22,7 @@ import tokenize
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("engine", "kernels", "dataloading")
 BOTTOM = frozenset({"engine", "engine.errors", "engine.config", "engine.config.sections", "engine.config.tree"})
 LIBRARIES = ("kernels", "dataloading")

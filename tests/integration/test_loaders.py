@@ -20,7 +20,7 @@ from dataloading.build import resolve_loader
 from engine.config.sections import AugmentConfig, DataConfig
 from engine.errors import UserError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 LOADERS = ["torch", "dali"]
 MEAN, STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 

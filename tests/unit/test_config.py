@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +10,7 @@ from engine.config import load_plan
 from engine.errors import ConfigError, UserError
 from engine.train import main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 RECIPES = sorted((ROOT / "configs").glob("*.toml"))
 
 BASE = """
@@ -120,13 +118,6 @@ def test_written_config_round_trips(cfg_file, tmp_path):
     assert again.stages == plan.stages
 
 
-@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
-def test_every_recipe_dry_runs(recipe, capsys):
-    assert main(["--cfg", str(recipe), "--dry-run"]) == 0
-    out = capsys.readouterr().out
-    assert "parameters" in out and "forward GFLOPs" in out and "absolute lr" in out
-
-
 def test_dry_run_numbers_for_b16_1pct(capsys):
     assert main(["--cfg", str(ROOT / "configs" / "b16_1pct.toml"), "--dry-run"]) == 0
     out = capsys.readouterr().out
@@ -143,9 +134,3 @@ def test_h14_10pct_accumulates(capsys):
     assert "0.00125" in out  # 2.5e-3 x 128 / 256
 
 
-def test_module_entry_point_without_arguments_starts_the_demo():
-    # The dry run proves `python -m engine.train` picks configs/digits.toml and says so, without training.
-    proc = subprocess.run([sys.executable, "-m", "engine.train", "--dry-run"], cwd=ROOT,
-                          capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
-    assert "embedded demo" in proc.stdout and "digits.toml" in proc.stdout

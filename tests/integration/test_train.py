@@ -24,7 +24,7 @@ from engine.stages.specs import STAGE_SPECS
 from engine.train import main
 from kernels import soft_target_cross_entropy_reference
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "digits.toml"
 FAST = [("logging.progress", "false"), ("logging.tensorboard", "true"), ("run.threads", "1")]
 

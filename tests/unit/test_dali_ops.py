@@ -2,7 +2,7 @@
 
 Each op runs alone at magnitude 9 (always applied) on fixed images; signed ops are compared with the
 torch op at the sign that matches better. The per-op mean absolute difference (uint8 units) must stay
-under the stated tolerance; the README lists what remains different. Fails in CI when DALI is missing.
+under the stated tolerance; docs/data.md lists what remains different. Fails in CI when DALI is missing.
 """
 
 from __future__ import annotations

@@ -17,7 +17,7 @@ import torch
 
 from engine import checkpoint as ckpt
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # The demo's fine-tune on 2 ranks, batch 8 per rank (3 steps per epoch), endless until signalled.
 ENDLESS = ["--cfg", str(ROOT / "configs" / "digits.toml"), "--run.stages", "finetune", "--run.device", "cpu",
            "--data.batch_size", "8", "--stages.finetune.schedule.epochs", "100000",

@@ -14,7 +14,7 @@ from engine.config.load import apply_override
 from engine.config.tree import Config
 from engine.stages.specs import STAGE_SPECS
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 CONFIG_PAGE = ROOT / "docs" / "config.md"
 PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]

@@ -11,7 +11,7 @@ from bench import gpu_summary
 from bench.gpu_report import markdown, update_results_md
 from bench.gpu_suite import Suite, main
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.usefixtures("one_thread")  # tiny models: a second thread only adds contention
 
 
@@ -127,11 +127,11 @@ def test_the_summary_lists_every_error_of_every_part_and_fails(tmp_path, capsys)
                          errors={"original_step": "RuntimeError: x"})
     report["kernels"]["errors"] = ["bench_pseudo_label: InterpreterError: y"]
     out = _out_dir(tmp_path, report, "versions 0\nkernels 0\ntests 1\ngpu_suite 124\n",
-                   "FAILED tests/test_op_ema.py::test_x[triton] - AssertionError\n1 failed, 9 passed in 3.0s\n")
+                   "FAILED tests/unit/test_op_ema.py::test_x[triton] - AssertionError\n1 failed, 9 passed in 3.0s\n")
     assert gpu_summary.main([str(out)]) == 1
     text = capsys.readouterr().out
     for expected in ["CUDA Triton tests: 1 failed, 9 passed in 3.0s", "tests: exit 1", "gpu_suite: exit 124 (killed",
-                     "tests: FAILED tests/test_op_ema.py::test_x[triton]", "cut short during section 'compile'",
+                     "tests: FAILED tests/unit/test_op_ema.py::test_x[triton]", "cut short during section 'compile'",
                      "section 'largest_batch' not run", "errors.original_step: RuntimeError: x",
                      "kernels.errors: bench_pseudo_label: InterpreterError: y", "errors (7):",
                      "target: ViT-H/14 semi step >= 1.5x the original-style step: MISSED (1.20x)"]:

@@ -3,15 +3,10 @@ results that do not depend on the thread count."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from kernel_cases import EMA_SIZES, border_draws, ce_inputs, gen
 
-from kernels import native
 from kernels.pseudo_mixup import random_derangement
 
 
@@ -52,27 +47,6 @@ def test_native_inplace_ops_match_the_new_tensor_ops(native_ops, threads, B, C, 
         torch.set_num_threads(before)
 
 
-def test_native_inplace_ops_when_openmp_gives_fewer_threads_than_asked(native_ops):
-    """OMP_THREAD_LIMIT=1 with torch set to 3 threads: the op plans 3 shares, the team has 1 thread,
-    which must then visit every share (a share left unvisited would leave images unmixed)."""
-    script = (
-        "import torch, kernels.native\n"
-        "assert kernels.native.load()\n"
-        "torch.set_num_threads(3)\n"
-        "from kernels.pseudo_mixup import draw_mix_randomness\n"
-        "g = torch.Generator().manual_seed(0)\n"
-        "images, prob = torch.randn(12, 3, 64, 64, generator=g), torch.rand(12, generator=g)\n"
-        "d = draw_mix_randomness(12, 64, 64, 0.5, 'cpu', g)\n"
-        "out, _, _ = torch.ops.semivit_native.pseudo_mixup(images, prob, *d, 0.5)\n"
-        "torch.ops.semivit_native.pseudo_mixup_(images, prob, *d, 0.5)\n"
-        "assert torch.equal(images, out)\n"
-    )
-    env = {**os.environ, "OMP_THREAD_LIMIT": "1"}
-    done = subprocess.run([sys.executable, "-c", script], cwd=native._REPO_ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
-
-
 def test_native_inplace_ops_need_a_permutation(native_ops):
     images = torch.zeros(4, 1, 2, 2)
     rest = (torch.zeros(4, dtype=torch.bool), torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long))
@@ -80,7 +54,6 @@ def test_native_inplace_ops_need_a_permutation(native_ops):
         native_ops.pseudo_mixup_(images, torch.rand(4), *rest, torch.tensor([1, 1, 2, 3]), 0.5)
     with pytest.raises(RuntimeError, match="must be contiguous"):
         native_ops.mix_batch_(torch.zeros(4, 1, 2, 4)[..., ::2], torch.rand(4), *rest, torch.arange(4))
-
 
 
 @pytest.mark.parametrize("threads", [1, 3])
