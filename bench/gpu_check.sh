@@ -52,7 +52,11 @@ part() {  # part NAME CAP_SECONDS LOG -- command...
 
 {
     echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1 || echo "nvidia-smi: not found"
+    if command -v nvidia-smi > /dev/null; then
+        nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv 2>&1
+    else
+        echo "nvidia-smi: not found"
+    fi
 } > "$OUT/env.txt"
 part versions 20 "$OUT/env.txt" -- "$PY" -c "
 import platform, numpy, torch, torchvision

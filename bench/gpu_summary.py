@@ -121,7 +121,11 @@ def summary(out_dir: Path) -> tuple[list[str], bool]:
         for name in report.get("not_run", []):
             problems.append(f"gpu suite: section '{name}' not run (time budget spent)")
         problems += [f"gpu suite: {e}" for e in errors(report)]
-    lines += target_lines(report.get("targets") or targets(report) if report else {})
+    if report.get("smoke"):
+        lines.append("targets: not applicable to a smoke run (CPU, tiny models: it checks the script, measures "
+                     "nothing)")
+    else:
+        lines += target_lines(report.get("targets") or targets(report) if report else {})
     lines.append(f"errors ({len(problems)}):" if problems else "errors: none")
     lines += [f"  - {p}" for p in problems]
     return lines, not problems

@@ -167,3 +167,10 @@ def test_the_dali_benchmark_without_dali_runs_the_torchvision_baseline_and_says_
     result = json.loads((tmp_path / "r.json").read_text())
     assert result["dali"].startswith("not installed (pip install nvidia-dali-cuda130")
     assert decoded and decoded[0] > 0 and not any(k.endswith("img_per_s") for k in result)  # smoke: no number
+
+
+def test_a_smoke_run_claims_no_target(tmp_path, capsys):
+    out = _out_dir(tmp_path, {**_gpu_report(), "smoke": True}, "tests 0\ngpu_suite 0\n", "3 passed in 1.0s\n")
+    assert gpu_summary.main([str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "targets: not applicable to a smoke run" in text and "met (" not in text and "MISSED" not in text
