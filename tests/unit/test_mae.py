@@ -11,7 +11,6 @@ from engine.config import MaeConfig, ModelConfig
 from engine.errors import UserError
 from engine.models.build import build_model, init_from_checkpoint, load_weights
 from engine.models.mae import MaskedAutoencoder, build_mae, encoder_state_dict
-from engine.models.vit import ARCHS
 
 TINY_MAE = MaeConfig(decoder_dim=64, decoder_depth=2, decoder_heads=4)
 DIGITS_MODEL = ModelConfig(arch="vit_digits_tiny", img_size=16, in_chans=1, num_classes=10)
@@ -159,13 +158,6 @@ def test_pretraining_decays_cls_and_mask_tokens_as_mae_does():
 
 
 # --- checkpoints: MAE's exact layout -------------------------------------------------------------------------
-def mae_vit_base_shapes() -> dict[str, torch.Size]:
-    with torch.device("meta"):
-        m = MaskedAutoencoder(**ARCHS["vit_base_patch16"], img_size=224, decoder_dim=512, decoder_depth=8,
-                              decoder_heads=16)
-    return {k: v.shape for k, v in m.state_dict().items()}
-
-
 def test_wrong_shape_names_the_key_and_both_shapes(tmp_path):
     sd = build_mae(DIGITS_MODEL, TINY_MAE).state_dict()
     sd["blocks.1.attn.qkv.weight"] = torch.zeros(96, 64)

@@ -6,16 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import impl_device
-from kernel_cases import (
-    EMA_SIZES,
-    FLOATS,
-    TOL,
-    gen,
-    runs,
-)
+from kernel_cases import EMA_SIZES, FLOATS, TOL, gen, runs, runs_float64
 from torch import nn
 
-import kernels.dispatch
 from kernels import KernelUnavailable, ema_tensors, ema_update, ema_update_reference
 
 
@@ -41,18 +34,6 @@ def test_ema_update_matches_the_reference_on_every_implementation(impl, dtype):
 
 # ------------------------------------------------------------------------- public function, per backend
 
-def _runs_float64(backend: str) -> bool:
-    """Triton kernels compute in float32: for them a float64 test checks the clear refusal instead
-    ('auto' sends float64 to native or torch)."""
-    if backend != "triton":
-        return True
-    with pytest.raises(KernelUnavailable, match="float64 is not supported"):
-        kernels.dispatch.resolve("triton", torch.device("cpu"), torch.float64)
-    return False
-
-
-def _gen(seed: int = 0) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
 
 
 def _net(seed: int, dtype: torch.dtype = torch.float64) -> nn.Module:
@@ -82,7 +63,7 @@ def test_ema_tensors_order_and_filtering():
 
 @pytest.mark.parametrize("decay", [0.9999, 0.5, 0.0, 1.0])
 def test_ema_update_moves_teacher_by_formula(decay, kernels_backend):
-    if not _runs_float64(kernels_backend):
+    if not runs_float64(kernels_backend):
         return
     teacher, student = _net(1), _net(2)
     t_list = ema_tensors(teacher, floating_only=False)
@@ -102,7 +83,7 @@ def test_ema_update_moves_teacher_by_formula(decay, kernels_backend):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_ema_update_matches_reference(dtype, kernels_backend):
-    if dtype == torch.float64 and not _runs_float64(kernels_backend):
+    if dtype == torch.float64 and not runs_float64(kernels_backend):
         return
     t_fast, t_ref, student = _net(1, dtype), _net(1, dtype), _net(2, dtype)
     # mixed list: floats and the integer buffer, several updates
