@@ -153,7 +153,7 @@ def save_sharded(meta: dict, student, teacher, optimizer, folder: Path, stage: s
     import torch.distributed.checkpoint as dcp
 
     path = folder / checkpoint_name(stage, epoch, step).replace(".pt", ".dcp")
-    tmp = folder / f".{path.name}.tmp"
+    tmp, damaged_copy = folder / f".{path.name}.tmp", folder / f".{path.name}.damaged.tmp"
 
     def prepare():
         try:
@@ -179,10 +179,13 @@ def save_sharded(meta: dict, student, teacher, optimizer, folder: Path, stage: s
         shards = checksums.files_checksums(tmp, [p.name for p in tmp.iterdir() if p.name != "meta.pt"])
         atomic_save({**meta, "shards": shards}, tmp / "meta.pt")
         try:
+            if path.exists():  # a damaged folder of this step that resume skipped: a folder cannot be renamed over
+                os.replace(path, damaged_copy)
             os.replace(tmp, path)
         except OSError as err:
             remove(tmp)
             raise WriteError(f"could not commit checkpoint '{path}' ({err.strerror or err})") from None
+        remove(damaged_copy)
         for old in list_checkpoints(folder, stage)[:-keep]:
             remove(old)
 
