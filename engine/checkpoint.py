@@ -4,7 +4,8 @@ A checkpoint file is valid only once complete (the rename is atomic), so `--chec
 a loadable one. Sharded runs (FSDP2) write a torch.distributed.checkpoint folder the same way: into a temporary
 name, renamed once complete. A write that fails (full disk, quota, permissions) removes its temporary file and
 raises WriteError: the previous checkpoints are never touched. Loading never unpickles arbitrary objects
-(weights_only=True).
+(weights_only=True). Every checkpoint carries a content checksum (engine.checksums), checked at load: a file
+damaged after its write is reported by name, and `--checkpoint.resume auto` skips it like a truncated one.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from engine import checksums
 from engine.errors import UserError, WriteError
 
 # <stage>-eNNNN-sNNNNNN.pt (one file) or .dcp (a torch.distributed.checkpoint folder: sharded runs)
@@ -30,7 +32,7 @@ def atomic_save(obj, path: Path) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            torch.save(checksums.with_checksum(obj), f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -59,20 +61,51 @@ def check_writable(run_dir: Path) -> None:
 
 
 def safe_load(path: str | Path) -> dict:
-    """Load a checkpoint with weights_only=True; the allow-list covers what public MAE checkpoints hold."""
+    """Load a checkpoint with weights_only=True (the allow-list covers what public MAE checkpoints hold) and
+    check its content checksum when it has one. A .safetensors file loads as {"model": its tensors}."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint '{path}' not found: check the path "
                         "(model.init / checkpoint.resume / eval.checkpoint)")
+    if path.suffix == ".safetensors":
+        return {"model": load_safetensors(path)}
     # MAE's checkpoints store the training script's argparse.Namespace next to the weights.
     with torch.serialization.safe_globals([argparse.Namespace]):
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any failure here means the file is not a usable checkpoint
             raise UserError(f"checkpoint '{path}' could not be loaded safely ({type(err).__name__}: "
                             f"{str(err).splitlines()[0]}); it may be truncated or hold objects we refuse to "
                             f"unpickle: use an older checkpoint, or re-save the weights alone "
                             f"(torch.save({{'model': state_dict}}))") from None
+    problem = checksums.mismatch(state)
+    if problem:
+        raise damaged(path, problem)
+    return state
+
+
+def damaged(path: Path, problem: str) -> UserError:
+    return UserError(f"checkpoint '{path}' is damaged: {problem}; it changed after it was written (disk or "
+                     f"copy): use an older checkpoint, or copy it again from where it came")
+
+
+def load_safetensors(path: Path) -> dict:
+    """A safetensors file's tensors, checked against the checksum its metadata carries (when it has one)."""
+    from safetensors import SafetensorError, safe_open
+    from safetensors.torch import load_file
+
+    try:
+        tensors = load_file(str(path))
+        with safe_open(str(path), framework="pt") as f:
+            stored = (f.metadata() or {}).get(checksums.KEY)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise UserError(f"checkpoint '{path}' is not a readable safetensors file ({err}): "
+                        f"give RUN/model.safetensors as the run wrote it") from None
+    if stored is not None:
+        problem = checksums.check(stored, checksums.tensors_checksum(tensors))
+        if problem:
+            raise damaged(path, problem)
+    return tensors
 
 
 def checkpoint_name(stage: str, epoch: int, step: int) -> str:
@@ -120,7 +153,7 @@ def save_sharded(meta: dict, student, teacher, optimizer, folder: Path, stage: s
     import torch.distributed.checkpoint as dcp
 
     path = folder / checkpoint_name(stage, epoch, step).replace(".pt", ".dcp")
-    tmp = folder / f".{path.name}.tmp"
+    tmp, damaged_copy = folder / f".{path.name}.tmp", folder / f".{path.name}.damaged.tmp"
 
     def prepare():
         try:
@@ -143,12 +176,16 @@ def save_sharded(meta: dict, student, teacher, optimizer, folder: Path, stage: s
             raise WriteError(f"could not write checkpoint '{path}' ({str(failure).splitlines()[0][:200]}); earlier "
                              f"checkpoints in {folder} are untouched: free space (or fix permissions) and rerun "
                              f"with --checkpoint.resume auto --out <the same folder>")
-        atomic_save(meta, tmp / "meta.pt")
+        shards = checksums.files_checksums(tmp, [p.name for p in tmp.iterdir() if p.name != "meta.pt"])
+        atomic_save({**meta, "shards": shards}, tmp / "meta.pt")
         try:
+            if path.exists():  # a damaged folder of this step that resume skipped: a folder cannot be renamed over
+                os.replace(path, damaged_copy)
             os.replace(tmp, path)
         except OSError as err:
             remove(tmp)
             raise WriteError(f"could not commit checkpoint '{path}' ({err.strerror or err})") from None
+        remove(damaged_copy)
         for old in list_checkpoints(folder, stage)[:-keep]:
             remove(old)
 
@@ -206,8 +243,22 @@ def load_resumable(path: Path) -> dict:
     """A file's whole state, or a DCP folder's meta.pt with "dcp": the folder (the tensors load later,
     into the built model: engine.stages.loop)."""
     if path.is_dir():
-        return {**safe_load(path / "meta.pt"), "dcp": path}
+        meta = safe_load(path / "meta.pt")
+        check_shards(path, meta.pop("shards", {}))
+        return {**meta, "dcp": path}
     return safe_load(path)
+
+
+def check_shards(folder: Path, expected: dict[str, str]) -> None:
+    """Every file meta.pt lists, present and as written (folders saved before checksums list none)."""
+    for name, digest in expected.items():
+        shard = folder / name
+        if not shard.is_file():
+            raise UserError(f"checkpoint '{folder}' is incomplete: its file '{name}' is missing: use an older "
+                            f"checkpoint")
+        problem = checksums.check(digest, checksums.file_digest(shard))
+        if problem:
+            raise damaged(shard, problem)
 
 
 def export_safetensors(state_dict: dict, path: Path) -> None:
@@ -215,5 +266,5 @@ def export_safetensors(state_dict: dict, path: Path) -> None:
 
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp))
+    save_file(tensors, str(tmp), metadata={checksums.KEY: checksums.tensors_checksum(tensors)})
     os.replace(tmp, path)

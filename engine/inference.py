@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from dataloading.digits import preprocess
-from engine.checkpoint import safe_load
+from engine.checkpoint import load_safetensors, safe_load
 from engine.config import Config
 from engine.errors import UserError
 from engine.models.build import build_model, find_ema
@@ -27,14 +27,7 @@ def read_weights(path: str | Path) -> tuple[dict, str]:
         raise UserError(f"--checkpoint '{path}' not found: give RUN/model.safetensors or "
                         f"RUN/checkpoints/<stage>-final.pt")
     if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path)), "exported teacher"
-        except (SafetensorError, OSError, ValueError) as err:
-            raise UserError(f"--checkpoint '{path}' is not a readable safetensors file ({err}): "
-                            f"give RUN/model.safetensors as the run wrote it") from None
+        return load_safetensors(path), "exported teacher"
     state = safe_load(path)
     found = find_ema(state)
     if found is not None:

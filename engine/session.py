@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from engine import checkpoint as ckpt
+from engine import run_folder
 from engine.config import RunPlan
 from engine.header import run_header
 from engine.preflight import preflight
@@ -18,14 +19,21 @@ from engine.stages.specs import STAGE_SPECS
 
 def run_plan(plan: RunPlan, run_dir: Path) -> dict:
     t0 = time.perf_counter()
+    # Every rank decides on the folder as it is now: nothing in it changes before they have all joined below.
+    arrival = run_folder.arrive(plan, run_dir)
+    plan = arrival.plan
     preflight(plan)
     ckpt.check_writable(run_dir)  # every rank, before the process group: an unusable --out costs nothing
     rt = setup_runtime(plan.base.run, plan.base.dist)
     try:
         if rt.is_main:
+            if arrival.replace:
+                run_folder.remove_run(run_dir)
             (run_dir / "config.toml").write_text(plan.to_toml())
             print(run_header(plan.base, rt))
             print(f"run folder: {run_dir}")
+            if arrival.note:
+                print(arrival.note)
         rt.barrier()
         results: dict = {"stages": {}}
         carry = None

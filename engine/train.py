@@ -1,9 +1,11 @@
 """The one entry point:
 python -m engine.train [--cfg FILE] [--out DIR] [--dry-run [--dry-run-gpu GPU]] [--section.key VALUE ...]
 
-With no --cfg it runs the embedded demo (configs/digits.toml). Exit codes: 0 done, 2 bad input
-(config, paths, data, checkpoints, a folder or disk that cannot be written; nothing lost), 3 interrupted
-by SIGTERM/SIGINT after saving. docs/distributed.md, "When things go wrong", lists every failure.
+With no --cfg it runs the embedded demo (configs/digits.toml). An --out that holds an unfinished run of the
+same config resumes it; one that holds a finished run, or a run of another config, is refused
+(engine.run_folder). Exit codes: 0 done, 2 bad input (config, paths, data, checkpoints, a folder or disk that
+cannot be written, a folder that holds another run; nothing lost), 3 interrupted by SIGTERM/SIGINT after saving.
+docs/distributed.md, "When things go wrong", lists every failure.
 """
 
 from __future__ import annotations
@@ -28,7 +30,9 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, list[tuple[s
         epilog="Any config key can be overridden: --section.key VALUE (e.g. --optim.blr 1e-3, "
                "--stages.semi.schedule.epochs 10). Exit codes: 0 ok, 2 bad input, 3 interrupted.")
     parser.add_argument("--cfg", help="TOML recipe (default: the embedded digits demo, configs/digits.toml)")
-    parser.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>)")
+    parser.add_argument("--out", help="run folder (default: runs/<name>-<timestamp>); one that holds an unfinished "
+                                      "run of this config resumes it, another run there is refused "
+                                      "(--checkpoint.overwrite true replaces it)")
     parser.add_argument("--dry-run", action="store_true",
                         help="build the model on the meta device and print its size, cost, batches and lr; no training")
     parser.add_argument("--dry-run-gpu", default=None, metavar="GPU",

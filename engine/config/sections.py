@@ -221,6 +221,7 @@ class CheckpointConfig:
     keep: int = 2  # newest checkpoints kept (at least 2, so a crash mid-save never leaves none)
     resume: str = ""  # "" = fresh start | auto = newest valid checkpoint in the run folder | a path
     export_safetensors: bool = True  # write the final teacher (or model) as model.safetensors
+    overwrite: bool = False  # true: a start into a --out holding a run removes that run's files first
 
     def __post_init__(self):
         check(self.every_epochs >= 1, "every_epochs", f"must be >= 1, got {self.every_epochs}")
