@@ -18,7 +18,7 @@ from engine.stages.specs import STAGE_SPECS
 
 def run_plan(plan: RunPlan, run_dir: Path) -> dict:
     t0 = time.perf_counter()
-    preflight(plan)
+    preflight(plan, run_dir)
     ckpt.check_writable(run_dir)  # every rank, before the process group: an unusable --out costs nothing
     rt = setup_runtime(plan.base.run, plan.base.dist)
     try:
