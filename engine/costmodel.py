@@ -13,6 +13,8 @@ Activations are counted per transformer block from what each op saves (PyTorch's
 The total is a sum of the rows, an upper bound of the peak (gradients and activations are never all
 alive at once). FLOPs: forward GFLOPs per image (engine.models.flops) x 3 for the student's forward and
 backward (+1 recompute with checkpointing), + 1 for the teacher's forward over the unlabelled images.
+Disk: the checkpoints a run keeps (fp32 tensors and their serialisation records) and its export, which the
+preflight compares with the free space of the run folder's filesystem.
 """
 
 from __future__ import annotations

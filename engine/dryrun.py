@@ -1,5 +1,6 @@
 """--dry-run: what a recipe will do, without allocating weights (meta device) or touching a GPU, and
-what it will cost on the chosen GPU (engine.costmodel): memory per GPU, FLOPs, projected wall time."""
+what it will cost on the chosen GPU (engine.costmodel): memory per GPU, FLOPs, projected wall time,
+and the disk its run folder will hold."""
 
 from __future__ import annotations
 
