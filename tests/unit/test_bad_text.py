@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from dataloading.exclude import read_exclusions
+from dataloading.make_index import main as make_index
 from dataloading.splits import read_index_csv
 from dataloading.textfile import read_text
 from engine.config import load_plan
@@ -133,3 +134,13 @@ def test_bad_bytes_in_a_data_list_stop_the_run_before_any_work(tmp_path, capsys,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and f"data.{key}" in err[0] and "line 3, column 1 (byte 8)" in err[0]
     assert not out.exists()  # refused in the preflight: nothing written
+
+
+def test_a_names_list_with_bad_bytes_makes_make_index_exit_2(tmp_path, capsys):
+    root = image_folder(tmp_path / "data")
+    names = tmp_path / "1percent.txt"
+    names.write_bytes(b"0.png\n\xe91.png\n")
+    assert make_index([str(root), "--names", str(names), "--out", str(tmp_path / "idx.csv")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--names" in err[0] and "line 2, column 1 (byte 6)" in err[0]
+    assert not (tmp_path / "idx.csv").exists()
