@@ -4,7 +4,8 @@ Sources: 'digits' (embedded, in memory, augmented on the device: digits.py, tens
 'imagefolder' (ImageNet layout + community index CSVs, CPU decode in DataLoader workers: imagefolder.py,
 transforms.py, pil_randaug.py; or NVIDIA DALI pipelines: dali.py). Order and sharding: sampler.py. Label
 splits: splits.py. Unreadable images: `python -m dataloading.validate ROOT [--out FILE]` (exclude.py).
-Index files: `python -m dataloading.make_index ROOT ...`. The digits as a JPEG folder:
+Index files: `python -m dataloading.make_index ROOT ...`. The user's text files (index CSVs, exclusion lists,
+the --cfg TOML) are read as UTF-8 by textfile.py. The digits as a JPEG folder:
 `python -m dataloading.export_digits OUT`.
 
 The exports load lazily, so `python -m dataloading.validate` starts without importing torch.

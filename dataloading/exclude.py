@@ -1,8 +1,9 @@
 """The exclusion list: image files both loaders leave out (`python -m dataloading.validate ROOT --out FILE`).
 
 One path per line (absolute, or relative to data.root); anything after a tab (the validator writes the
-error there) and lines starting with '#' are ignored. Excluded files are dropped after the label split is
-chosen, so the positions the community index files list keep their meaning.
+error there) and lines starting with '#' are ignored; the file is UTF-8 (a leading byte-order mark is
+dropped). Excluded files are dropped after the label split is chosen, so the positions the community index
+files list keep their meaning.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dataloading.textfile import read_text
 from engine.errors import UserError
 
 
@@ -29,11 +31,11 @@ def resolve(path: str, root: str) -> Path:
 def read_exclusions(path: str, root: str) -> set[str]:
     """The normalised absolute paths listed in the exclusion file `path` (data.exclude)."""
     p = resolve(path, root)
-    if not p.is_file():
+    if not p.exists():
         raise UserError(f"data.exclude = '{path}': no such file (looked at {p.resolve()}); write it with "
                         f"python -m dataloading.validate {root or 'ROOT'} --out {path}, or set data.exclude = \"\"")
     out = set()
-    for line in p.read_text(encoding="utf-8").splitlines():
+    for line in read_text(p, f"data.exclude = '{path}'").splitlines():
         entry = line.split("\t", 1)[0].strip()
         if entry and not entry.startswith("#"):
             q = Path(entry).expanduser()

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from dataloading.splits import per_class_split
+from dataloading.textfile import read_text
 from engine.errors import EXIT_USAGE, UserError
 
 
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         train = scan(Path(args.root).expanduser() / args.train_dir, "train")
         if args.names:
-            names = [line.strip().split()[0] for line in Path(args.names).read_text().splitlines() if line.strip()]
+            names = [line.strip().split()[0] for line in read_text(args.names, "--names").splitlines() if line.strip()]
             chosen = positions_of_names(train.paths, names, args.names)
         else:
             if args.fraction is not None and not 0.0 < args.fraction <= 1.0:

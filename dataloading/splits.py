@@ -4,12 +4,14 @@ per-class split generated from `split_seed` alone (never the rank or the run see
 from __future__ import annotations
 
 import csv
+import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from dataloading.textfile import read_text
 from engine.errors import UserError
 
 
@@ -59,14 +61,15 @@ def read_index_csv(path: str, num_samples: int, *, key: str, root: str = "") -> 
     file, the line and the valid range 0..num_samples-1."""
     p = resolve_index_file(path, root)
     where = f"{key} = '{path}'"
-    if not p.is_file():
+    if not p.exists():
         raise UserError(f"{where}: no such file (looked at {p.resolve()}); give the path of a CSV with a column "
                         f"'Index' of positions into the sorted train images, or \"\" to generate a split")
+    text = read_text(p, where)
     try:
-        with open(p, newline="", encoding="utf-8-sig") as f:
-            rows = list(csv.reader(f))
-    except (OSError, UnicodeDecodeError, csv.Error) as e:
-        raise UserError(f"{where}: cannot read {p}: {e}") from None
+        rows = list(csv.reader(io.StringIO(text, newline="")))
+    except csv.Error as e:
+        raise UserError(f"{where}: cannot read {p} as CSV: {e}; expected a header with a column 'Index' and one "
+                        f"position per row") from None
     rows = [r for r in rows if any(cell.strip() for cell in r)]
     if not rows:
         raise UserError(f"{where}: {p} is empty; expected a header with a column 'Index' and one position per row")

@@ -13,6 +13,8 @@ Activations are counted per transformer block from what each op saves (PyTorch's
 The total is a sum of the rows, an upper bound of the peak (gradients and activations are never all
 alive at once). FLOPs: forward GFLOPs per image (engine.models.flops) x 3 for the student's forward and
 backward (+1 recompute with checkpointing), + 1 for the teacher's forward over the unlabelled images.
+Disk: the checkpoints a run keeps (fp32 tensors and their serialisation records) and its export, which the
+preflight compares with the free space of the run folder's filesystem.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch
 
 from engine.config import Config
 from engine.errors import UserError
+from engine.models.flops import param_count
 from engine.models.vit import ARCHS
 from engine.stages.specs import STAGE_SPECS, per_process_batch
 
@@ -226,3 +229,82 @@ def human_time(seconds: float) -> str:
     if seconds >= 3600:
         return f"{seconds / 3600:.1f} h"
     return f"{seconds / 60:.1f} min"
+
+
+# --- the disk a run keeps ----------------------------------------------------------------------------------
+
+TENSOR_OVERHEAD = 2560  # serialisation around each stored tensor (a DCP chunk's record and metadata: ~2.4 KiB)
+RNG_STATE = 16 * 2**10  # each rank's random-generator states in a resumable checkpoint
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    params: int
+    trainable: int
+    tensors: int  # parameter tensors
+    trainable_tensors: int
+
+
+def keeps_ema(name: str, cfg: Config) -> bool:
+    cost = STAGE_SPECS[name].cost
+    return bool(cost.ema_row) and (cfg.ema.enabled or not cost.ema_optional)
+
+
+def checkpoint_bytes(name: str, cfg: Config, size: ModelSize, world: int = 1) -> dict[str, int]:
+    """Bytes a training stage on `world` processes leaves in RUN/checkpoints/, all ranks together:
+    `checkpoint.keep` rolling checkpoints plus the one being written before the oldest is removed (fp32
+    weights, EMA, AdamW moments and step, every rank's random states), the best evaluation and the final
+    weights (weights and EMA), each tensor with its serialisation record. Under FSDP2 a rolling checkpoint is
+    a folder of one file per rank with the same tensor bytes and one record per tensor and rank."""
+    shards = world if cfg.dist.strategy == "fsdp" else 1
+    copies = 2 if keeps_ema(name, cfg) else 1
+    weights = copies * (size.params * 4 + size.tensors * TENSOR_OVERHEAD)
+    optimizer = size.trainable * 8 + 3 * size.trainable_tensors * TENSOR_OVERHEAD  # two moments and a step
+    records = (copies * size.tensors + 3 * size.trainable_tensors) * TENSOR_OVERHEAD * (shards - 1)
+    resumable = weights + optimizer + records + world * RNG_STATE
+    keep = cfg.checkpoint.keep
+    return {f"rolling checkpoints ({keep} kept + 1 being written)": (keep + 1) * resumable,
+            "best checkpoint": weights, "final checkpoint": weights}
+
+
+def export_bytes(size: ModelSize, cfg: Config) -> int:
+    """model.safetensors: the last stage's teacher (or model), fp32."""
+    return size.params * 4 + size.tensors * TENSOR_OVERHEAD if cfg.checkpoint.export_safetensors else 0
+
+
+def run_disk_bytes(plan, world: int = 1) -> tuple[int, list[str]]:
+    """(bytes the whole run keeps in its folder, one line per part) for a RunPlan on `world` processes: every
+    training stage's checkpoints (each stage keeps its own) and the export."""
+    total, lines, last = 0, [], None
+    for name, cfg in plan.stages.items():
+        if not STAGE_SPECS[name].trains:
+            continue
+        size = model_size(name, cfg)
+        rows = checkpoint_bytes(name, cfg, size, world)
+        total += sum(rows.values())
+        lines.append(f"[{name}] " + ", ".join(f"{k} {human_bytes(v)}" for k, v in rows.items()))
+        last = (size, cfg)
+    if last is not None and export_bytes(*last):
+        total += export_bytes(*last)
+        lines.append(f"model.safetensors {human_bytes(export_bytes(*last))}")
+    return total, lines
+
+
+def model_size(name: str, cfg: Config) -> ModelSize:
+    """The stage's model, built on the meta device (no memory), counted."""
+    with torch.device("meta"):
+        model = STAGE_SPECS[name].model.build(cfg)
+    return size_of(model)
+
+
+def size_of(model) -> ModelSize:
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    return ModelSize(param_count(model), param_count(model, trainable_only=True),
+                     len(list(model.parameters())), len(trainable))
+
+
+def human_bytes(n: float) -> str:
+    for unit, size in (("GiB", GIB), ("MiB", 2**20), ("KiB", 2**10)):
+        if n >= size:
+            return f"{n / size:.3g} {unit}"
+    return f"{int(n)} B"

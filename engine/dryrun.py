@@ -1,5 +1,6 @@
 """--dry-run: what a recipe will do, without allocating weights (meta device) or touching a GPU, and
-what it will cost on the chosen GPU (engine.costmodel): memory per GPU, FLOPs, projected wall time."""
+what it will cost on the chosen GPU (engine.costmodel): memory per GPU, FLOPs, projected wall time,
+and the disk its run folder will hold."""
 
 from __future__ import annotations
 
@@ -47,6 +48,7 @@ def stage_summary(name: str, cfg: Config, gpu_key: str = cm.DEFAULT_GPU) -> list
         steps, images, assumed = steps_per_epoch(spec, cfg, world)
         lines.append(f"  steps per epoch   {steps}  ({images} images{'; ' + assumed if assumed else ''})")
         lines += memory_lines(name, cfg, model, world, gpu_key)
+        lines += disk_lines(name, cfg, model, world)
         lines += cost_lines(name, cfg, gflops, world, steps, gpu_key)
     return lines
 
@@ -124,6 +126,17 @@ def memory_lines(name: str, cfg: Config, model, world: int, gpu_key: str) -> lis
     return lines
 
 
+def disk_lines(name: str, cfg: Config, model, world: int) -> list[str]:
+    shards = world if cfg.dist.strategy == "fsdp" else 1
+    rows = cm.checkpoint_bytes(name, cfg, cm.size_of(model), world)
+    parts = ", ".join(f"{k} {cm.human_bytes(v)}" for k, v in rows.items())
+    line = f"  disk kept         {cm.human_bytes(sum(rows.values()))} in RUN/checkpoints: {parts}"
+    if shards > 1:
+        rolling = next(iter(rows.values())) // (cfg.checkpoint.keep + 1)
+        line += f"; each rolling checkpoint is {shards} shards of {cm.human_bytes(rolling / shards)}, one per rank"
+    return [line]
+
+
 def cost_lines(name: str, cfg: Config, gflops: float, world: int, steps: int, gpu_key: str) -> list[str]:
     gpu = cm.GPUS[gpu_key]
     per_step = cm.stage_flops(name, cfg, gflops, world)
@@ -159,5 +172,10 @@ def dry_run(plan: RunPlan, gpu_key: str = cm.DEFAULT_GPU) -> str:
     lines = [f"dry run of {plan.source}: stages {' -> '.join(plan.stages)}; costs for {gpu_key}"]
     for name, cfg in plan.stages.items():
         lines += stage_summary(name, cfg, gpu_key)
+    _, env_world_size, _ = env_world()
+    total, _ = cm.run_disk_bytes(plan, env_world_size if env_world_size > 1 else plan.base.dist.world_size)
+    lines.append(f"disk: the run folder will hold about {cm.human_bytes(total)} (every stage's checkpoints"
+                 f"{' and model.safetensors' if plan.base.checkpoint.export_safetensors else ''}); the start is "
+                 f"refused when its filesystem has less free space")
     lines.append("nothing was trained; the config is valid.")
     return "\n".join(lines)

@@ -22,7 +22,7 @@ def run_plan(plan: RunPlan, run_dir: Path) -> dict:
     # Every rank decides on the folder as it is now: nothing in it changes before they have all joined below.
     arrival = run_folder.arrive(plan, run_dir)
     plan = arrival.plan
-    preflight(plan)
+    preflight(plan, run_dir)
     ckpt.check_writable(run_dir)  # every rank, before the process group: an unusable --out costs nothing
     rt = setup_runtime(plan.base.run, plan.base.dist)
     try:

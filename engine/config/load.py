@@ -18,6 +18,7 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from dataloading.textfile import read_text
 from engine.config.sections import one_of
 from engine.config.tree import Config, build_dataclass, field_type, to_dict, unknown_key_error
 from engine.errors import ConfigError, UserError
@@ -51,10 +52,11 @@ class RunPlan:
 
 def read_toml(path: str | Path) -> dict:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise UserError(f"config file '{path}' not found: pass an existing file to --cfg (see configs/)")
+    text = read_text(path, "--cfg")
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as err:
         raise UserError(f"{path}: invalid TOML: {err}; fix the file at that line (TOML syntax: key = value, "
                         f"[section] headers, quoted strings)") from None
