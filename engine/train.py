@@ -15,7 +15,7 @@ from pathlib import Path
 
 from engine.config import RunPlan, load_plan
 from engine.dryrun import dry_run
-from engine.errors import EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, UserError
+from engine.errors import EXIT_INTERRUPTED, EXIT_RANK_FAILED, EXIT_USAGE, Interrupted, RankFailure, UserError
 from engine.session import run_plan
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "digits.toml"
@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: input/output failed{where}: {err.strerror or err}; checkpoints already saved are intact: "
               f"fix it and rerun with --checkpoint.resume auto --out <the same folder>", file=sys.stderr)
         return EXIT_USAGE
+    except RankFailure as err:  # another rank hung or died: the line names the collective and what to check
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_RANK_FAILED
     except (KeyboardInterrupt, Interrupted) as err:
         print(f"interrupted: {err}; resume with --checkpoint.resume auto --out <the same folder>", file=sys.stderr)
         return EXIT_INTERRUPTED
