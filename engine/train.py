@@ -3,7 +3,8 @@ python -m engine.train [--cfg FILE] [--out DIR] [--dry-run [--dry-run-gpu GPU]] 
 
 With no --cfg it runs the embedded demo (configs/digits.toml). Exit codes: 0 done, 2 bad input
 (config, paths, data, checkpoints, a folder or disk that cannot be written; nothing lost), 3 interrupted
-by SIGTERM/SIGINT after saving. docs/distributed.md, "When things go wrong", lists every failure.
+by SIGTERM/SIGINT after saving, 1 another rank hung or died (one line names the collective). docs/distributed.md,
+"When things go wrong", lists every failure.
 """
 
 from __future__ import annotations
