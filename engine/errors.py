@@ -2,6 +2,7 @@
 
 EXIT_USAGE = 2  # bad config, bad path, bad checkpoint: nothing was lost, fix the input and rerun
 EXIT_INTERRUPTED = 3  # SIGINT/SIGTERM: the current step finished and a checkpoint was saved
+EXIT_RANK_FAILED = 1  # a collective timed out or lost a rank: as a crash, so torchrun --max-restarts restarts it
 
 
 class UserError(Exception):
@@ -28,3 +29,7 @@ class ConfigError(UserError):
 
 class Interrupted(Exception):
     """SIGTERM/SIGINT arrived: the current step finished and a checkpoint was saved."""
+
+
+class RankFailure(Exception):
+    """A collective timed out (a rank hung) or lost a rank (it died); the message names the collective."""

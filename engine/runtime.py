@@ -6,6 +6,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ import torch.distributed as dist
 
 import kernels
 from engine.config import DistConfig, RunConfig
-from engine.errors import UserError, WriteError
+from engine.errors import RankFailure, UserError, WriteError
 
 
 @dataclass
@@ -24,6 +25,7 @@ class Runtime:
     world_size: int = 1
     local_rank: int = 0
     owns_process_group: bool = False  # setup_runtime created it (so shutdown destroys it)
+    timeout_s: float = 600.0  # dist.timeout_s: how long any collective waits for the other ranks
 
     @property
     def is_main(self) -> bool:
@@ -38,14 +40,22 @@ class Runtime:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.dtype)
 
-    def all_reduce_sum(self, t: torch.Tensor) -> torch.Tensor:
+    def collective(self, what: str) -> Collective:
+        """`with rt.collective("the gradient all-reduce of step 7"):` names the collectives run inside, so
+        that a timeout or a lost rank stops this rank with one line saying which one and what to check."""
+        return Collective(self, what)
+
+    def all_reduce_sum(self, t: torch.Tensor, what: str = "the all-reduce of metrics or evaluation totals"
+                       ) -> torch.Tensor:
         if self.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            with self.collective(what):
+                dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
-    def barrier(self) -> None:
+    def barrier(self, what: str = "a barrier (the ranks waiting for rank 0's files)") -> None:
         if self.distributed:
-            dist.barrier()
+            with self.collective(what):
+                dist.barrier()
 
     def shutdown(self) -> None:
         """Tear the process group down before the interpreter exits. Left to the exit handlers, gloo's
@@ -66,7 +76,8 @@ class Runtime:
                 error = err
         if self.distributed:
             failed = torch.tensor(float(error is not None), device=self.device)
-            dist.all_reduce(failed)
+            with self.collective("the all-reduce after rank 0's checkpoint write (the other ranks wait for it)"):
+                dist.all_reduce(failed)
             if failed.item() > 0 and error is None:  # a save step, not the training step: one sync is fine
                 raise WriteError("rank 0 could not write a checkpoint (its message says why); resume with "
                                  "--checkpoint.resume auto once it is fixed")
@@ -79,8 +90,54 @@ class Runtime:
         if not self.distributed:
             return [state]
         states: list = [None] * self.world_size
-        dist.all_gather_object(states, state)
+        with self.collective("the gather of every rank's RNG states for a checkpoint"):
+            dist.all_gather_object(states, state)
         return states
+
+
+class Collective:
+    """Turns gloo's and NCCL's transport errors inside it into a RankFailure naming the collective: a
+    timeout (another rank hung) or a closed connection (another rank died). The innermost one names it;
+    anything else passes through untouched. Entering and leaving cost no communication and no sync."""
+
+    def __init__(self, rt: Runtime, what: str):
+        self.rt, self.what = rt, what
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or not self.rt.distributed or not isinstance(exc, RuntimeError):
+            return False  # RuntimeError: what gloo and NCCL raise (DistBackendError and DistStoreError are ones)
+        message = rank_failure_message(str(exc), self.what, self.rt.rank, self.rt.timeout_s)
+        if message is None:
+            return False
+        raise RankFailure(message) from exc
+
+
+# What gloo, NCCL and the rendezvous store say when another rank is gone (checked first: gloo's "timed out
+# connecting: Connection refused" is one), or does not answer in time.
+PEER_GONE = ("connection closed by peer", "connection reset by peer", "broken pipe", "connection refused",
+             "socket closed")
+TIMED_OUT = ("timed out", "timeout")
+RESUME = "the last checkpoint is intact: rerun with --checkpoint.resume auto (torchrun --max-restarts N does it)"
+
+
+def rank_failure_message(error: str, what: str, rank: int, timeout_s: float) -> str | None:
+    """One line for a collective that timed out or lost a rank; None for any other error."""
+    text = error.lower()
+    if "connection refused" in text:
+        return (f"rank {rank}: could not reach another rank during {what} (connection refused: it is gone, not "
+                f"started, or a firewall blocks the port): check every rank's log and node; {RESUME}")
+    if any(s in text for s in PEER_GONE):
+        return (f"rank {rank}: another rank left during {what} (its process died: killed, out of memory, or its "
+                f"node failed): check that rank's log and the node; {RESUME}")
+    if any(s in text for s in TIMED_OUT):
+        return (f"rank {rank}: {what} timed out after {timeout_s:g} s (dist.timeout_s): another rank stopped "
+                f"answering. Check the other ranks' logs for the one that hung (a stuck data loader or file system, "
+                f"a GPU error, a dead node); if this wait is legitimately longer (a slow checkpoint disk, a first "
+                f"compile), raise --dist.timeout_s; {RESUME}")
+    return None
 
 
 def env_world() -> tuple[int, int, int]:
@@ -108,9 +165,23 @@ def setup_runtime(run: RunConfig, dist_cfg: DistConfig) -> Runtime:
     owns = world > 1 and not dist.is_initialized()
     if owns:
         backend = dist_cfg.backend if dist_cfg.backend != "auto" else ("nccl" if use_cuda else "gloo")
-        dist.init_process_group(backend=backend, device_id=device if use_cuda else None)
+        probe = Runtime(device=device, dtype=None, rank=rank, world_size=world, timeout_s=dist_cfg.timeout_s)
+        timeout = timedelta(seconds=dist_cfg.timeout_s)
+        with probe.collective("the process group set-up (every rank meeting at MASTER_ADDR:MASTER_PORT)"):
+            dist.init_process_group(backend=backend, device_id=device if use_cuda else None, timeout=timeout,
+                                    store=attempt_store(rank, world, timeout), rank=rank, world_size=world)
     return Runtime(device=device, dtype=dtype, rank=rank, world_size=world, local_rank=local,
-                   owns_process_group=owns)
+                   owns_process_group=owns, timeout_s=dist_cfg.timeout_s)
+
+
+def attempt_store(rank: int, world: int, timeout: timedelta) -> dist.Store:
+    """The rendezvous store (MASTER_ADDR:MASTER_PORT), under a prefix of torchrun's restart count.
+
+    torchrun keeps one store for all the attempts of `--max-restarts`, so a restarted group would find the
+    dead ranks' addresses from the attempt before still there: gloo's ranks then connect to ports nobody
+    listens on ("Connection refused") and the restart fails. A prefix per attempt gives each its own keys."""
+    store, _, _ = next(dist.rendezvous("env://", rank, world, timeout=timeout))
+    return dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def select_kernels(backend: str, device: torch.device) -> None:

@@ -4,8 +4,9 @@ python -m engine.train [--cfg FILE] [--out DIR] [--dry-run [--dry-run-gpu GPU]] 
 With no --cfg it runs the embedded demo (configs/digits.toml). An --out that holds an unfinished run of the
 same config resumes it; one that holds a finished run, or a run of another config, is refused
 (engine.run_folder). Exit codes: 0 done, 2 bad input (config, paths, data, checkpoints, a folder or disk that
-cannot be written, a folder that holds another run; nothing lost), 3 interrupted by SIGTERM/SIGINT after saving.
-docs/distributed.md, "When things go wrong", lists every failure.
+cannot be written, a folder that holds another run; nothing lost), 3 interrupted by SIGTERM/SIGINT after saving,
+1 another rank hung or died (one line names the collective). docs/distributed.md, "When things go wrong", lists
+every failure.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 
 from engine.config import RunPlan, load_plan
 from engine.dryrun import dry_run
-from engine.errors import EXIT_INTERRUPTED, EXIT_USAGE, Interrupted, UserError
+from engine.errors import EXIT_INTERRUPTED, EXIT_RANK_FAILED, EXIT_USAGE, Interrupted, RankFailure, UserError
 from engine.session import run_plan
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "digits.toml"
@@ -94,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: input/output failed{where}: {err.strerror or err}; checkpoints already saved are intact: "
               f"fix it and rerun with --checkpoint.resume auto --out <the same folder>", file=sys.stderr)
         return EXIT_USAGE
+    except RankFailure as err:  # another rank hung or died: the line names the collective and what to check
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_RANK_FAILED
     except (KeyboardInterrupt, Interrupted) as err:
         print(f"interrupted: {err}; resume with --checkpoint.resume auto --out <the same folder>", file=sys.stderr)
         return EXIT_INTERRUPTED

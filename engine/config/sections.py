@@ -59,9 +59,13 @@ class DistConfig:
     # ddp: every rank holds the whole model, optimizer and teacher | fsdp: FSDP2, all three sharded per
     # block across ranks; checkpoints are torch.distributed.checkpoint folders (resumable on any world size)
     strategy: str = "ddp"
+    # seconds any collective may wait for the other ranks before the run stops with an error naming it (a
+    # hung or dead rank); long enough for a slow rank-0 checkpoint write or a first compile while others wait
+    timeout_s: float = 600.0
 
     def __post_init__(self):
         check(self.world_size >= 1, "world_size", f"must be >= 1, got {self.world_size}")
+        check(self.timeout_s > 0, "timeout_s", f"must be > 0 seconds, got {self.timeout_s}")
         one_of("backend", self.backend, ("auto", "nccl", "gloo"))
         one_of("strategy", self.strategy, ("ddp", "fsdp"))
 

@@ -88,7 +88,8 @@ def train_steps(stage: Stage, cfg: Config, rt: Runtime, run_dir: Path, resume: d
             if batches is None or steps.epoch_starts(state.step):
                 batches = stage.batches(state.step // steps.per_epoch, (state.step % steps.per_epoch) * steps.accum)
             lr = schedule.apply(optimizer, state.step / steps.per_epoch)
-            finite = optimizer_step(stage, stage.forward_model, optimizer, params, batches, cfg, rt, progress.logger)
+            finite = optimizer_step(stage, stage.forward_model, optimizer, params, batches, cfg, rt, progress.logger,
+                                    step=state.step + 1)
             state.skipped += (~finite).float()
             with phase("ema"):
                 stage.after_step()
@@ -96,10 +97,13 @@ def train_steps(stage: Stage, cfg: Config, rt: Runtime, run_dir: Path, resume: d
             record = progress.after_step(lr)
             checkpointer.stop_if_nonfinite(record)
             if vote.poll(stop.raised):  # every rank says yes after the same step
-                checkpointer.save()
+                with rt.collective(f"the checkpoint save of step {state.step} (after a signal)"):
+                    checkpointer.save()
                 raise Interrupted(f"stage {stage.name} stopped at step {state.step}")
-            evaluator.after_step()  # before the save: the checkpoint records the best score
-            checkpointer.after_step()
+            with rt.collective(f"the evaluation after step {state.step}"):
+                evaluator.after_step()  # before the save: the checkpoint records the best score
+            with rt.collective(f"the checkpoint save of step {state.step}"):
+                checkpointer.after_step()
     final = evaluator.final()
     progress.close()
     return {"final": final, "best": state.best, "steps": state.step, "lr": base_lr, "global_batch": global_batch,
@@ -107,9 +111,12 @@ def train_steps(stage: Stage, cfg: Config, rt: Runtime, run_dir: Path, resume: d
 
 
 def optimizer_step(stage, forward_model, optimizer, params, batches, cfg: Config, rt: Runtime,
-                   logger: MetricLogger) -> torch.Tensor:
-    """One optimizer step over `accum_steps` micro-batches; returns a device bool: was it finite."""
+                   logger: MetricLogger, step: int = 0) -> torch.Tensor:
+    """One optimizer step over `accum_steps` micro-batches (`step`: its number, for error messages); returns
+    a device bool: was it finite."""
     accum = cfg.optim.accum_steps
+    syncs = ("the FSDP2 all-gather / reduce-scatter" if cfg.dist.strategy == "fsdp"
+             else "the gradient all-reduce (DDP)")
     total = torch.zeros((), device=rt.device)
     for micro in range(accum):
         t0 = time.perf_counter()
@@ -120,13 +127,13 @@ def optimizer_step(stage, forward_model, optimizer, params, batches, cfg: Config
             batch = stage.prepare(batch)
         sync = micro == accum - 1 or not rt.distributed
         no_sync = contextlib.nullcontext() if sync else skip_gradient_sync(forward_model)
-        with phase("student_forward_backward"), no_sync:
+        with phase("student_forward_backward"), rt.collective(f"{syncs} of step {step}"), no_sync:
             with rt.autocast():
                 loss, metrics, images = stage.loss(batch)
             (loss / accum).backward()
         total = total + loss.detach().float()
         logger.accumulate(metrics, images, waited)
-    with phase("optimizer"):
+    with phase("optimizer"), rt.collective(f"the gradient-norm all-reduce of step {step}"):
         max_norm = cfg.optim.clip_grad if cfg.optim.clip_grad > 0 else math.inf
         grad_norm = replicated(torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True))  # FSDP2: a DTensor
         finite = torch.isfinite(total) & torch.isfinite(grad_norm)

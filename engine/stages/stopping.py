@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from engine.errors import Interrupted, UserError
 from engine.runtime import Runtime
 
 
@@ -49,7 +51,7 @@ class StopVote:
         self.pending: tuple | None = None
         self.group = None
         if rt.distributed:  # a CPU group of its own: its messages never wait behind the device's work
-            self.group = dist.new_group(backend="gloo")
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=rt.timeout_s))
 
     def poll(self, local: bool) -> bool:
         if not self.rt.distributed:
@@ -64,7 +66,8 @@ class StopVote:
             return False
         work, flag = self.pending
         self.pending = None
-        work.wait()
+        with self.rt.collective("the stop vote (the ranks' per-step SIGTERM/SIGINT agreement)"):
+            work.wait()
         return flag.item() > 0
 
     def close(self) -> None:
@@ -74,5 +77,9 @@ class StopVote:
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc):
-        self.close()
+    def __exit__(self, exc_type, exc, tb):
+        # After an error every rank raised at the same step (a signal, a non-finite stop, a failed write) the
+        # others complete the vote too; after any other error (a lost or hung rank) waiting could only fail
+        # again, or wait dist.timeout_s more, and hide the first error.
+        if exc_type is None or issubclass(exc_type, (Interrupted, UserError)):
+            self.close()
