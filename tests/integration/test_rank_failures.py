@@ -23,7 +23,7 @@ from engine import checkpoint as ckpt
 ROOT = Path(__file__).resolve().parents[2]
 COMMON = ["--cfg", str(ROOT / "configs" / "digits.toml"), "--run.device", "cpu", "--data.batch_size", "8",
           "--logging.every_steps", "1", "--logging.progress", "false", "--logging.tensorboard", "false",
-          "--run.threads", "1", "--checkpoint.resume", "auto"]
+          "--run.threads", "1"]  # no --checkpoint.resume: a restart resumes its unfinished run folder by itself
 # The demo's fine-tune on 2 ranks, batch 8 per rank: 3 steps per epoch, a rolling checkpoint every epoch;
 # its semi stage under FSDP2, 32 labelled and 96 unlabelled images per rank: 6 steps per epoch.
 FINETUNE = [*COMMON, "--run.stages", "finetune", "--stages.finetune.data.batch_size", "8",
