@@ -28,12 +28,7 @@ FAST = ["--logging.progress", "false", "--logging.tensorboard", "false", "--run.
 FINETUNE = ["--run.stages", "finetune", "--stages.finetune.checkpoint.every_epochs", "1", *FAST]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared fixture (conftest.py)
 
 
 def pairs(args: list[str]) -> list[tuple[str, str]]:

@@ -23,12 +23,7 @@ FINETUNE = ["--run.stages", "finetune", "--stages.finetune.checkpoint.every_epoc
 WAYS_ON = ("--checkpoint.resume auto", "another --out", "--checkpoint.overwrite true")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # the shared fixture (conftest.py)
 
 
 def snapshot(folder: Path) -> dict[str, tuple[int, str]]:
