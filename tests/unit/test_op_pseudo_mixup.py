@@ -19,7 +19,6 @@ from kernels import (
     mix_batch,
     pseudo_mixup,
     pseudo_mixup_reference,
-    triton_ops,
 )
 from kernels.pseudo_mixup import random_derangement
 
@@ -51,13 +50,6 @@ def test_pseudo_mixup_matches_the_reference_on_every_implementation(impl, case, 
 
 
 # ------------------------------------------------------------------------- public functions, per backend
-
-def skip_full_batch_in_the_interpreter(backend: str, B: int) -> None:
-    """The recipe's 80 strong views cost seconds per call in Triton's CPU interpreter, which runs the same
-    kernel code at B = 6; B = 80 runs here for torch and native, and for Triton on CUDA (bench/gpu_check.sh)."""
-    if backend == "triton" and B > 6 and triton_ops.interpreted():
-        pytest.skip("Triton interpreter: B = 6 covers this kernel code; B = 80 runs on CUDA")
-
 
 def _mix_inputs(B=6, C=3, H=7, W=5, dtype=torch.float32, seed=0):
     g = gen(seed)
@@ -143,7 +135,6 @@ def test_pseudo_mixup_matches_reference(seed, dtype, B):
 def test_donated_batch_gives_the_same_mix(B, kernels_backend):
     """donate=True: the same mixed batch, lam and mask as without it; the native op writes it over the
     donated images (no new tensor), the others leave them alone and return a new one."""
-    skip_full_batch_in_the_interpreter(kernels_backend, B)
     images, prob, label = _mix_inputs(B=B, H=9, W=11, seed=B)
     draws = draw_mix_randomness(B, 9, 11, 0.5, "cpu", gen(7))
     kept = pseudo_mixup(images, prob, label, 0.6, draws=draws)
@@ -202,9 +193,9 @@ def test_pseudo_mixup_mixup_pairs():
 
 
 @pytest.mark.parametrize("B", [6, 80])
-def test_pseudo_mixup_no_duplicate_images(B, kernels_backend):
+@pytest.mark.usefixtures("kernels_backend")
+def test_pseudo_mixup_no_duplicate_images(B):
     # the defect of flip(0) pairing: with everyone on mixup, a pair (i, j = B-1-i) got one image twice
-    skip_full_batch_in_the_interpreter(kernels_backend, B)
     g = gen(B)
     images = torch.randn(B, 3, 8, 8, generator=g)
     prob = torch.randperm(B, generator=g).float() / (2 * B) + 0.5  # distinct confidences
