@@ -583,8 +583,15 @@ def _write(path: Path | None, report: dict, progress=None) -> None:
     if progress is not None:
         progress(report)
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(report, indent=2) + "\n")
+        write_atomic(path, json.dumps(report, indent=2) + "\n")
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """A reader (or a killed run) sees the previous file or the new one, never half of one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def main(argv=None) -> dict:

@@ -224,12 +224,6 @@ def largest_batch(arch: str, img: int, device, dtype, mu: int, iters: int, peak:
             "step": best}
 
 
-def steps(report: dict, name: str) -> list[dict]:
-    """The step results of a section, [] when it failed."""
-    value = report.get(name)
-    return [] if value is None else value if isinstance(value, list) else [value]
-
-
 def spec_peak(device_name: str) -> float | None:
     for gpu in cm.GPUS.values():
         if all(m in device_name for m in gpu.match):
@@ -289,17 +283,9 @@ class Suite:
         report["wall_seconds"] = round(time.perf_counter() - self.t_start, 1)
         if self.out is not None:
             report["json"] = str(self.out)
-            write_atomic(self.out, json.dumps(report, indent=2) + "\n")
+            gpu_kernels.write_atomic(self.out, json.dumps(report, indent=2) + "\n")
         if self.results_md is not None:
             update_results_md(self.results_md, report)
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """A reader (or a killed run) sees the previous file or the new one, never half of one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def main(argv=None) -> dict:
@@ -350,7 +336,8 @@ def main(argv=None) -> dict:
                                         original_step(huge, img, device, step_dtype, b=2, mu=5, iters=iters)])
     free(device)
     report["speedup_over_original"] = {o["arch"]: o["step_ms"] / s["step_ms"]
-                                       for o, s in zip(steps(report, "original_step"), steps(report, "semi_step"))}
+                                       for o, s in zip(gpu_summary.steps(report, "original_step"),
+                                                gpu_summary.steps(report, "semi_step"))}
     suite.run("semi_step_kernels", lambda: kernels_step_comparison(big, img, device, step_dtype, b_big, iters, peak))
     free(device)
     suite.run("compile", lambda: semi_step(big, img, device, step_dtype, b=b_big, mu=5, iters=iters,
