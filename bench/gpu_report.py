@@ -74,6 +74,10 @@ def _step_table(report: dict) -> list[str]:
 
     for s in report.get("semi_step") or []:
         row(f"{s['arch']}, engine step", s)
+    for s in report.get("compile_step") or []:
+        mode = "eager" if not s.get("compile_step") else "run.compile = step" + \
+            (" + CUDA graphs" if s.get("cuda_graphs") else "")
+        row(f"{s['arch']}, engine step, {mode} (first step {s['first_step_s']:.1f} s)", s)
     if report.get("compile"):
         row(f"{report['compile']['arch']}, engine step, torch.compile", report["compile"])
     for r in report.get("largest_batch") or []:

@@ -12,10 +12,12 @@ Sections, most valuable first (a run cut short by its time cap still answers the
 3. original_step: the original-style step (bench/original_step.py) on the same GPU and batches;
 4. semi_step_kernels: the ViT-B/16 step with the Triton kernels against the same step with the torch
    versions (run.kernels);
-5. compile: ViT-B/16 with torch.compile on the student (inductor);
-6. attention_bf16, forward: attention backends agree in bf16; forward throughput and peak memory;
-7. kernel_sweep: the kernels' launch-setting sweeps;
-8. largest_batch: ViT-H/14 at the largest labelled batch per GPU that fits (unlabelled = 5 x; doubling
+5. compile_step: ViT-H/14 at 2 + 10 images, eager against run.compile = step against step + CUDA graphs
+   (run.cuda_graphs), the first (compiling) step's seconds beside each;
+6. compile: ViT-B/16 with torch.compile on the student (inductor);
+7. attention_bf16, forward: attention backends agree in bf16; forward throughput and peak memory;
+8. kernel_sweep: the kernels' launch-setting sweeps;
+9. largest_batch: ViT-H/14 at the largest labelled batch per GPU that fits (unlabelled = 5 x; doubling
    from 2 up to 128, then halving the gap twice; 3 timed steps per trial), with and without activation
    checkpointing; no new trial after --budget seconds.
 
@@ -49,10 +51,11 @@ from bench.gpu_kernels import timed  # noqa: E402 (CUDA events on the GPU, perf_
 from bench.gpu_report import update_results_md  # noqa: E402
 from bench.original_step import OriginalStep  # noqa: E402
 from engine import costmodel as cm  # noqa: E402
-from engine.config import Config, DataConfig, ModelConfig, SemiConfig  # noqa: E402
+from engine.config import Config, DataConfig, ModelConfig, RunConfig, SemiConfig  # noqa: E402
 from engine.models import build_vit, forward_gflops, param_count  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
 from engine.runtime import Runtime  # noqa: E402
+from engine.stages.compiled import MicroStep  # noqa: E402
 from engine.stages.loop import optimizer_step  # noqa: E402
 from engine.stages.semi import SemiStage  # noqa: E402
 from kernels import dispatch  # noqa: E402
@@ -137,8 +140,13 @@ class _Synthetic:
 
 
 def semi_step(arch: str, img: int, device, dtype, b: int, mu: int, iters: int, peak_tflops: float,
-              checkpointing: bool = False, compile_backend: str | None = None) -> dict:
-    cfg = Config(model=ModelConfig(arch=arch, img_size=img, grad_checkpointing=checkpointing),
+              checkpointing: bool = False, compile_backend: str | None = None, compile_step: str | None = None,
+              cuda_graphs: bool = False) -> dict:
+    """The engine's semi step, timed. `compile_backend`: torch.compile the model with it (run.compile =
+    model); `compile_step`: compile the whole micro-step with that backend (run.compile = step), replayed as
+    a CUDA graph with `cuda_graphs`."""
+    run = RunConfig(compile="step" if compile_step else "off", cuda_graphs=cuda_graphs)
+    cfg = Config(run=run, model=ModelConfig(arch=arch, img_size=img, grad_checkpointing=checkpointing),
                  data=DataConfig(batch_size=b, root="synthetic"), semi=SemiConfig(mu=mu))
     rt = Runtime(device=device, dtype=dtype)
     student = build_on(device, arch, img_size=img, grad_checkpointing=checkpointing)
@@ -148,18 +156,25 @@ def semi_step(arch: str, img: int, device, dtype, b: int, mu: int, iters: int, p
     optimizer = build_optimizer(student, cfg.optim, lr=1e-4)
     params = [p for p in student.parameters() if p.requires_grad]
     batches = zip(data.forever(data.labelled_batch), data.forever(data.unlabelled_batch))
+    micro_step = MicroStep(stage, cfg, rt, compiler=compile_step or "inductor")
     peak_reset(device)
 
     def step():
-        optimizer_step(stage, forward, optimizer, params, batches, cfg, rt, MetricSink())
+        optimizer_step(stage, forward, optimizer, params, batches, cfg, rt, MetricSink(), micro_step=micro_step)
         stage.after_step()
 
+    t0 = time.perf_counter()
+    step()  # compiles, when asked (and records the CUDA graph on its next calls)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first = time.perf_counter() - t0
     seconds = timed(step, device, warmup=min(3, iters), iters=iters)
     gflops = forward_gflops(student, img)
     flops_per_step = gflops * 1e9 * (3 * (b + mu * b) + mu * b)  # model FLOPs: a recompute is not counted
     achieved = flops_per_step / seconds / 1e12
     result = {"arch": arch, "labelled": b, "unlabelled": mu * b, "checkpointing": checkpointing,
-              "compile": compile_backend, "step_ms": seconds * 1e3, "img_per_s": (b + mu * b) / seconds,
+              "compile": compile_backend, "compile_step": compile_step, "cuda_graphs": cuda_graphs,
+              "first_step_s": first, "step_ms": seconds * 1e3, "img_per_s": (b + mu * b) / seconds,
               "achieved_tflops": achieved, "mfu": achieved / peak_tflops}
     result.update(memory_check(cfg, student, device, dtype, checkpointing))
     return result
@@ -247,6 +262,24 @@ def kernels_step_comparison(arch: str, img: int, device, dtype, b: int, iters: i
     best = {k: min(v) for k, v in rows.items()}
     return {"arch": arch, "fused_backend": fused, "fused_step_ms": best[fused], "torch_step_ms": best["torch"],
             "speedup": best["torch"] / best[fused]}
+
+
+def compile_modes(arch: str, img: int, device, dtype, iters: int, peak: float, smoke: bool,
+                  progress=lambda rows: None) -> list[dict]:
+    """The ViT-H/14 step at 2 + 10 images per GPU: eager, run.compile = step, step + CUDA graphs (`progress`
+    gets the rows so far after each: a compile killed by the time cap keeps the rows before it). The smoke
+    run traces the step with dynamo only (backend "eager") and has no CUDA graphs to replay."""
+    compiler = "eager" if smoke else "inductor"
+    modes = [{}, {"compile_step": compiler}]
+    if device.type == "cuda":
+        modes.append({"compile_step": compiler, "cuda_graphs": True})
+    rows: list[dict] = []
+    for mode in modes:
+        rows.append(semi_step(arch, img, device, dtype, b=2, mu=5, iters=iters, peak_tflops=peak, **mode))
+        free(device)
+        progress(rows)
+    torch._dynamo.reset()
+    return rows
 
 
 class Suite:
@@ -339,6 +372,13 @@ def main(argv=None) -> dict:
                                        for o, s in zip(gpu_summary.steps(report, "original_step"),
                                                 gpu_summary.steps(report, "semi_step"))}
     suite.run("semi_step_kernels", lambda: kernels_step_comparison(big, img, device, step_dtype, b_big, iters, peak))
+    free(device)
+    def compile_rows_so_far(rows: list[dict]) -> None:
+        report["compile_step"] = list(rows)
+        suite.save()
+
+    suite.run("compile_step", lambda: compile_modes(huge, img, device, step_dtype, iters, peak, smoke,
+                                                    progress=compile_rows_so_far))
     free(device)
     suite.run("compile", lambda: semi_step(big, img, device, step_dtype, b=b_big, mu=5, iters=iters,
                                            peak_tflops=peak, compile_backend="eager" if smoke else "inductor"))

@@ -47,10 +47,19 @@ def stage_summary(name: str, cfg: Config, gpu_key: str = cm.DEFAULT_GPU) -> list
                      f"{cfg.schedule.epochs:g} epochs, warm-up {cfg.schedule.warmup_epochs:g}")
         steps, images, assumed = steps_per_epoch(spec, cfg, world)
         lines.append(f"  steps per epoch   {steps}  ({images} images{'; ' + assumed if assumed else ''})")
+        lines.append(f"  compile           {compile_mode(cfg)}")
         lines += memory_lines(name, cfg, model, world, gpu_key)
         lines += disk_lines(name, cfg, model, world)
         lines += cost_lines(name, cfg, gflops, world, steps, gpu_key)
     return lines
+
+
+def compile_mode(cfg: Config) -> str:
+    """run.compile and run.cuda_graphs in words (the run header says the same)."""
+    what = {"off": "eager", "model": "torch.compile of the model's forward",
+            "step": "torch.compile of the whole micro-step (forward, losses, backward; fullgraph)"}[cfg.run.compile]
+    graphs = ", replayed as a CUDA graph" if cfg.run.cuda_graphs else ""
+    return f"run.compile = {cfg.run.compile}: {what}{graphs}"
 
 
 def trace_semi_ops(cfg: Config) -> str:
@@ -123,6 +132,11 @@ def memory_lines(name: str, cfg: Config, model, world: int, gpu_key: str) -> lis
         total = sum(rows.values()) / cm.GIB
         verdict = "fits" if total <= budget else "does NOT fit"
         lines.append(f"    {label:<36}{total:8.3g}   {verdict} {gpu_key} ({capacity}){mark}")
+    if cfg.run.cuda_graphs:
+        held = (ckpt if cfg.model.grad_checkpointing else plain)[key] / cm.GIB
+        lines.append(f"  CUDA graphs       hold the step's activations ({held:.3g} GiB, counted above) in their own "
+                     f"memory pool for the whole stage: it stays reserved between steps, so evaluation and "
+                     f"checkpointing get that much less")
     return lines
 
 

@@ -34,8 +34,13 @@ def data_path(cfg: Config, rt: Runtime) -> str:
     return f"{d.source} via loader {chosen} ({where}), {d.num_workers} {unit} per process"
 
 
+def compile_words(cfg: Config) -> str:
+    return cfg.run.compile + (" + CUDA graphs" if cfg.run.cuda_graphs else "")
+
+
 def run_header(cfg: Config, rt: Runtime) -> str:
     precision = "bf16 autocast" if rt.dtype == torch.bfloat16 else "fp32"
     fields = {"device": device_name(rt), "precision": precision, "attention": cfg.model.attn_backend,
-              "kernels": kernels_backend(cfg, rt), "data": data_path(cfg, rt), "world size": rt.world_size}
+              "kernels": kernels_backend(cfg, rt), "compile": compile_words(cfg), "data": data_path(cfg, rt),
+              "world size": rt.world_size}
     return "run: " + "; ".join(f"{k} {v}" for k, v in fields.items())

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-PHASES = ("data", "teacher_forward", "pseudo_label", "pseudo_mixup", "student_forward_backward",
+PHASES = ("data", "teacher_forward", "pseudo_label", "pseudo_mixup", "student_forward_backward", "compiled_step",
           "optimizer", "ema", "eval", "checkpoint")
 
 _OFF = contextlib.nullcontext()
@@ -57,7 +57,7 @@ class _Range:
 
 def phase(name: str):
     """`with phase("ema"): ...`: a named range when profiling is on, nothing otherwise."""
-    if not (SWITCHES.nvtx or SWITCHES.record):
+    if not (SWITCHES.nvtx or SWITCHES.record) or torch.compiler.is_compiling():  # a compiled step is one range
         return _OFF
     return _Range(name)
 

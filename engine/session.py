@@ -13,6 +13,7 @@ from engine.header import run_header
 from engine.preflight import preflight
 from engine.report import comparison_table, write_report
 from engine.runtime import setup_runtime
+from engine.stages.compiled import check_cuda_graphs
 from engine.stages.runner import finished_stage
 from engine.stages.specs import STAGE_SPECS
 
@@ -26,6 +27,8 @@ def run_plan(plan: RunPlan, run_dir: Path) -> dict:
     ckpt.check_writable(run_dir)  # every rank, before the process group: an unusable --out costs nothing
     rt = setup_runtime(plan.base.run, plan.base.dist)
     try:
+        for cfg in plan.stages.values():  # needs the device: after the runtime, before the folder changes
+            check_cuda_graphs(cfg, rt)
         if rt.is_main:
             if arrival.replace:
                 run_folder.remove_run(run_dir)

@@ -63,10 +63,9 @@ class _SoftTargetCE(torch.autograd.Function):
     One log_softmax pass; lp is kept for the backward, where softmax = exp(lp)."""
 
     @staticmethod
-    def forward(ctx, logits: Tensor, label_a: Tensor, label_b: Tensor, lam: Tensor, mask: Tensor, smoothing: float):
+    def forward(ctx, logits: Tensor, idx: Tensor, lam: Tensor, mask: Tensor, smoothing: float):
         B, C = logits.shape
         lp = torch.log_softmax(logits.to(_compute_dtype(logits)), dim=-1)  # (B, C)
-        idx = torch.stack((label_a, label_b), dim=1)  # (B, 2)
         lam = lam.to(lp.dtype).expand(B)  # (B,)
         wt = torch.stack((lam, 1 - lam), dim=1).mul_(1 - smoothing)  # (B, 2) target weight beyond s / C
         mask = mask.to(lp.dtype)  # (B,)
@@ -84,7 +83,7 @@ class _SoftTargetCE(torch.autograd.Function):
         g = lp.exp().sub_(ctx.smoothing / C)  # (B, C) softmax - s / C
         g.scatter_add_(1, idx, -wt)  # - (1 - s)(lam onehot(a) + (1 - lam) onehot(b))
         g.mul_((mask * (grad_out / B))[:, None])
-        return g.to(ctx.logits_dtype), None, None, None, None, None
+        return g.to(ctx.logits_dtype), None, None, None, None
 
 
 def soft_target_cross_entropy(
@@ -122,4 +121,6 @@ def soft_target_cross_entropy(
         return loss
     if mask is None:
         mask = torch.ones(B, dtype=_compute_dtype(logits), device=logits.device)
-    return _SoftTargetCE.apply(logits, label_a, label_b, lam, mask, smoothing)
+    # the labels travel as one (B, 2) tensor: without mixup label_a is label_b, and torch.compile cannot
+    # trace an autograd.Function given the same tensor twice (a graph break)
+    return _SoftTargetCE.apply(logits, torch.stack((label_a, label_b), dim=1), lam, mask, smoothing)

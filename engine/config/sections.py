@@ -11,6 +11,10 @@ from dataclasses import dataclass, field
 
 from engine.errors import ConfigError
 
+# run.compile: what torch.compile compiles; the booleans of earlier versions are aliases
+COMPILE_MODES = ("off", "model", "step")
+COMPILE_ALIASES = {"true": "model", "false": "off"}
+
 # data.loader choices: auto picks per device (dataloading/build.py, resolve_loader)
 LOADERS = ("auto", "torch", "dali")
 
@@ -34,7 +38,10 @@ class RunConfig:
     seed: int = 0  # model init, augmentation and shuffling; the label split has its own seed
     device: str = "auto"  # auto (cuda when present) | cpu | cuda
     precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | bf16 | fp32
-    compile: bool = False  # torch.compile the model
+    # off | model (torch.compile the model) | step (the whole micro-step: teacher, pseudo labels, mixup, student,
+    # losses and their backward as one graph; docs/performance.md); true / false are model / off
+    compile: str | bool = "off"
+    cuda_graphs: bool = False  # replay the compiled step as a CUDA graph: needs CUDA and compile = "step"
     threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
     # fused ops (EMA, pseudo labels, pseudo mixup, soft-target CE): auto (Triton on CUDA, native C++ on
     # CPU when built, torch otherwise) | triton | native | torch | reference; `python -m kernels` shows it
@@ -48,6 +55,13 @@ class RunConfig:
         one_of("precision", self.precision, ("auto", "bf16", "fp32"))
         check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
         one_of("kernels", self.kernels, ("auto", "triton", "native", "torch", "reference"))
+        self.compile = COMPILE_ALIASES.get(str(self.compile).lower(), self.compile)
+        one_of("compile", self.compile, COMPILE_MODES)
+        check(not (self.compile == "step" and self.kernels == "reference"), "compile",
+              "'step' cannot trace run.kernels = reference (the spec branches on data): use run.kernels = auto, "
+              "or run.compile = model")
+        check(not self.cuda_graphs or self.compile == "step", "cuda_graphs",
+              f"replays the compiled step, but run.compile = '{self.compile}': set --run.compile step as well")
 
 
 @dataclass

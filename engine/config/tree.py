@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -67,6 +68,13 @@ def _type_name(tp) -> str:
 def _coerce(value, tp, key: str):
     """Check a TOML value against a field's annotated type; ints are accepted for floats."""
     origin = typing.get_origin(tp)
+    if origin is types.UnionType:  # e.g. str | bool: any member's type; the section normalises it
+        for member in typing.get_args(tp):
+            try:
+                return _coerce(value, member, key)
+            except ConfigError:
+                pass
+        raise ConfigError(key, f"expected {' or '.join(_type_name(m) for m in typing.get_args(tp))}, got {value!r}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, list):

@@ -27,6 +27,7 @@ from engine.runtime import Runtime
 from engine.sharding import replicated, skip_gradient_sync
 from engine.stages.base import Stage
 from engine.stages.checkpointer import Checkpointer
+from engine.stages.compiled import MicroStep
 from engine.stages.evaluator import Evaluator
 from engine.stages.progress import Progress
 from engine.stages.stopping import StopFlag, StopVote
@@ -82,6 +83,7 @@ def train_steps(stage: Stage, cfg: Config, rt: Runtime, run_dir: Path, resume: d
     progress = Progress(stage, state, steps, cfg, rt, run_dir)
     checkpointer.resume(resume)
     evaluator = Evaluator(stage, state, steps, cfg, rt, run_dir, progress.logger)
+    micro_step = MicroStep(stage, cfg, rt)  # eager, or the compiled step (run.compile = step)
     with StopFlag() as stop, StopVote(rt) as vote, progress.running():
         batches = None
         while state.step < steps.total:
@@ -89,7 +91,7 @@ def train_steps(stage: Stage, cfg: Config, rt: Runtime, run_dir: Path, resume: d
                 batches = stage.batches(state.step // steps.per_epoch, (state.step % steps.per_epoch) * steps.accum)
             lr = schedule.apply(optimizer, state.step / steps.per_epoch)
             finite = optimizer_step(stage, stage.forward_model, optimizer, params, batches, cfg, rt, progress.logger,
-                                    step=state.step + 1)
+                                    step=state.step + 1, micro_step=micro_step)
             state.skipped += (~finite).float()
             with phase("ema"):
                 stage.after_step()
@@ -111,10 +113,11 @@ def train_steps(stage: Stage, cfg: Config, rt: Runtime, run_dir: Path, resume: d
 
 
 def optimizer_step(stage, forward_model, optimizer, params, batches, cfg: Config, rt: Runtime,
-                   logger: MetricLogger, step: int = 0) -> torch.Tensor:
-    """One optimizer step over `accum_steps` micro-batches (`step`: its number, for error messages); returns
-    a device bool: was it finite."""
+                   logger: MetricLogger, step: int = 0, micro_step: MicroStep | None = None) -> torch.Tensor:
+    """One optimizer step over `accum_steps` micro-batches (`step`: its number, for error messages;
+    `micro_step`: the stage's micro-step, eager when not given); returns a device bool: was it finite."""
     accum = cfg.optim.accum_steps
+    micro_step = micro_step or MicroStep(stage, cfg, rt)
     syncs = ("the FSDP2 all-gather / reduce-scatter" if cfg.dist.strategy == "fsdp"
              else "the gradient all-reduce (DDP)")
     total = torch.zeros((), device=rt.device)
@@ -123,13 +126,11 @@ def optimizer_step(stage, forward_model, optimizer, params, batches, cfg: Config
         with phase("data"):
             batch = next(batches)
         waited = time.perf_counter() - t0  # host clock only: input-bound detection needs no device sync
-        with rt.autocast():
-            batch = stage.prepare(batch)
+        batch = micro_step.prepare(batch)
         sync = micro == accum - 1 or not rt.distributed
         no_sync = contextlib.nullcontext() if sync else skip_gradient_sync(forward_model)
-        with phase("student_forward_backward"), rt.collective(f"{syncs} of step {step}"), no_sync:
-            with rt.autocast():
-                loss, metrics, images = stage.loss(batch)
+        with phase(micro_step.phase), rt.collective(f"{syncs} of step {step}"), no_sync:
+            loss, metrics, images = micro_step.loss(batch)
             (loss / accum).backward()
         total = total + loss.detach().float()
         logger.accumulate(metrics, images, waited)

@@ -11,7 +11,6 @@ import dataclasses
 import time
 from pathlib import Path
 
-import torch
 from torch import nn
 
 from dataloading import build_data
@@ -22,6 +21,7 @@ from engine.models.build import build_model, init_from_checkpoint, load_weights
 from engine.runtime import Runtime, seed_everything
 from engine.sharding import shard_module
 from engine.stages.base import Stage
+from engine.stages.compiled import compile_model
 from engine.stages.evaluate import evaluate_models
 from engine.stages.loop import train_steps
 
@@ -41,25 +41,23 @@ def stage_data(cfg: Config, rt: Runtime, spec):
 
 
 def wrap_for_training(model: nn.Module, cfg: Config, rt: Runtime) -> nn.Module:
-    """DDP across processes, then torch.compile when asked; the optimizer keeps the bare module."""
+    """DDP across processes, then torch.compile under run.compile = model; the optimizer keeps the bare module."""
     forward = model
     if rt.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         forward = DDP(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    if cfg.run.compile:
-        forward = torch.compile(forward)
-    return forward
+    return compile_model(forward, cfg)
 
 
 def shard_stage(stage: Stage, cfg: Config, rt: Runtime) -> None:
     """FSDP2: the student and its teacher sharded alike (the teacher is copied from the unsharded student
-    first), the EMA re-pointed at the local shards, then torch.compile when asked."""
+    first), the EMA re-pointed at the local shards, then torch.compile under run.compile = model."""
     shard_module(stage.student, rt)
     if stage.ema is not None:
         shard_module(stage.ema.module, rt)
         stage.ema.refresh()
-    stage.forward_model = torch.compile(stage.student) if cfg.run.compile else stage.student
+    stage.forward_model = compile_model(stage.student, cfg)
 
 
 def build_student(spec, cfg: Config, rt: Runtime, carry: dict | None) -> tuple[nn.Module, dict | None]:

@@ -28,6 +28,9 @@ def test_the_smoke_run_measures_every_section_and_records_no_error(tmp_path):
         # MFU against a small CPU matmul means nothing; the smoke run only proves the arithmetic runs
         assert step["img_per_s"] > 0 and step["mfu"] > 0 and step["estimate_gib"] > 0
     assert report["compile"]["compile"] == "eager"
+    eager, step = report["compile_step"]  # no CUDA graphs row without CUDA
+    assert (eager["compile_step"], step["compile_step"]) == (None, "eager") and step["img_per_s"] > 0
+    assert (eager["labelled"], eager["unlabelled"]) == (2, 10) and "run.compile = step" in md.read_text()
     assert set(report["speedup_over_original"]) == {"vit_digits_tiny", "vit_digits_small"}
     assert {r["op"] for r in report["kernels"]["rows"]} == {"ema_update_", "pseudo_mixup", "pseudo_label",
                                                            "soft_target_ce fwd+bwd"}

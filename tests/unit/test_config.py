@@ -134,3 +134,30 @@ def test_h14_10pct_accumulates(capsys):
     assert "0.00125" in out  # 2.5e-3 x 128 / 256
 
 
+
+
+@pytest.mark.parametrize("written, mode", [("true", "model"), ("false", "off"), ('"step"', "step"),
+                                           ('"model"', "model"), ('"off"', "off")])
+def test_run_compile_takes_a_mode_and_the_old_booleans_as_aliases(tmp_path, written, mode):
+    path = tmp_path / "c.toml"
+    path.write_text(BASE.replace("[run]\n", f"[run]\ncompile = {written}\n"))
+    assert load_plan(path).stages["semi"].run.compile == mode
+    assert load_plan(path, [("run.compile", written.strip('"'))]).stages["semi"].run.compile == mode
+
+
+@pytest.mark.parametrize("overrides, fragment", [
+    ([("run.compile", "stp")], "did you mean 'step'"),
+    ([("run.compile", "step"), ("run.kernels", "reference")], "cannot trace run.kernels = reference"),
+    ([("run.cuda_graphs", "true")], "set --run.compile step as well"),
+])
+def test_impossible_compile_settings_name_the_key_and_the_fix(cfg_file, overrides, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        load_plan(cfg_file, overrides)
+
+
+def test_cuda_graphs_on_a_cpu_are_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["--out", str(out), "--run.device", "cpu", "--run.compile", "step", "--run.cuda_graphs", "true"])
+    assert code == 2
+    assert "run.cuda_graphs = true needs a CUDA device" in capsys.readouterr().err
+    assert not (out / "config.toml").exists()

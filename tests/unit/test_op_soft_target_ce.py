@@ -101,7 +101,8 @@ def test_soft_ce_gradcheck_float64(kernels_backend):
     la, lb = torch.randint(0, C, (B,), generator=g), torch.randint(0, C, (B,), generator=g)
     lam = torch.rand(B, generator=g, dtype=torch.float64)
     mask = torch.tensor([1.0, 0.0, 1.0, 0.5], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda z: _SoftTargetCE.apply(z, la, lb, lam, mask, 0.1), (logits,))
+    idx = torch.stack((la, lb), dim=1)
+    assert torch.autograd.gradcheck(lambda z: _SoftTargetCE.apply(z, idx, lam, mask, 0.1), (logits,))
     out = soft_target_cross_entropy(logits, la, lb, lam, mask, 0.1)
     assert out.dtype == torch.float64
 

@@ -1,0 +1,122 @@
+"""run.compile on the CPU: the whole compiled step (`step`) and the compiled model (`model`) against eager,
+steady state, ratios measured in one process by alternating the modes; compile time beside each.
+
+Run: ``python -m pytest bench/test_bench_compile.py -q -s`` (``--benchmark-disable``: one step of each, the
+smoke mode CI runs). Two workloads, both the real semi step of engine.stages (teacher forward, pseudo
+labels, pseudo mixup, student forward and backward, fused AdamW, EMA):
+
+- a launch-bound proxy of the ViT-H/14 step: its structure (32 blocks, 16 heads, 2 labelled + 10 unlabelled
+  images per process) at width 64 and 32 px (patch 16: 2 x 2 patches, as patch 14 gives at 32 px), where,
+  as on a GPU at that batch, the time goes to per-op overhead rather than arithmetic. Target: ``step`` >= 2x eager.
+- the embedded demo's semi step (configs/digits.toml: 32 + 96 images of 16 px, vit_digits_tiny).
+
+The CPU, its instruction set and torch's chosen CPU capability are printed with every line.
+"""
+
+from __future__ import annotations
+
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench.gpu_suite import MetricSink
+from engine.config import load_plan
+from engine.models.vit import ARCHS
+from engine.optim import build_optimizer
+from engine.runtime import Runtime
+from engine.stages.common import cycle
+from engine.stages.compiled import MicroStep
+from engine.stages.loop import optimizer_step
+from engine.stages.runner import build_student, stage_data
+from engine.stages.specs import STAGE_SPECS
+
+DEMO = Path(__file__).resolve().parent.parent / "configs" / "digits.toml"
+PROXY_ARCH = "vit_h14_launch_proxy"
+ARCHS.setdefault(PROXY_ARCH, dict(patch_size=16, embed_dim=64, depth=32, num_heads=16, mlp_ratio=4.0))
+PROXY = [("model.arch", PROXY_ARCH), ("model.img_size", "32"), ("data.batch_size", "2"), ("semi.mu", "5")]
+MODES = ("off", "step", "model")
+
+
+def cpu_name() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def cpu_label() -> str:
+    return (f"{cpu_name()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
+            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
+
+
+def semi_step(overrides, mode: str):
+    """One optimizer step + EMA of the demo's semi stage under `overrides` and run.compile = `mode`."""
+    cfg = load_plan(DEMO, [("run.stages", "semi"), ("run.compile", mode), *overrides]).stages["semi"]
+    rt = Runtime(device=torch.device("cpu"), dtype=None)
+    data = stage_data(cfg, rt, STAGE_SPECS["semi"])
+    student, _ = build_student(STAGE_SPECS["semi"], cfg, rt, None)
+    forward = torch.compile(student) if mode == "model" else student
+    stage = STAGE_SPECS["semi"].stage(cfg, data, student, forward)
+    optimizer = build_optimizer(student, cfg.optim, 1e-3)
+    params = [p for p in student.parameters() if p.requires_grad]
+    micro_step = MicroStep(stage, cfg, rt)
+    batches = zip(cycle(data.labelled, 0), cycle(data.unlabelled, 0))
+    sink = MetricSink()
+
+    def step():
+        optimizer_step(stage, forward, optimizer, params, batches, cfg, rt, sink, micro_step=micro_step)
+        stage.after_step()
+
+    return step
+
+
+def compare_modes(benchmark, name: str, overrides, rounds: int, target: float | None = None) -> dict:
+    torch._dynamo.reset()
+    steps, first = {}, {}
+    for mode in MODES:
+        steps[mode] = semi_step(overrides, mode)
+        t0 = time.perf_counter()
+        steps[mode]()  # the first step compiles
+        first[mode] = time.perf_counter() - t0
+    benchmark.group = name
+    benchmark.pedantic(steps["step"], rounds=rounds, iterations=1, warmup_rounds=2)
+    if benchmark.disabled:  # smoke mode: every mode ran its (compiling) first step
+        return {}
+    times = {m: [] for m in MODES}
+    for fn in steps.values():  # warm: the compiled modes' second call can still specialise
+        fn()
+    for _ in range(rounds):
+        for mode, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            times[mode].append(time.perf_counter() - t0)
+    ms = {m: 1e3 * statistics.median(t) for m, t in times.items()}
+    result = {"cpu": cpu_label(), "step_ms": ms, "compile_s": {m: first[m] - ms[m] / 1e3 for m in MODES},
+              "speedup": {m: ms["off"] / ms[m] for m in MODES if m != "off"}, "target_step": target}
+    benchmark.extra_info.update(result)
+    verdict = "" if target is None else f"; target step >= {target:g}x: " + \
+        ("met" if result["speedup"]["step"] >= target else "NOT met")
+    print(f"\n{name} [{cpu_label()}]: eager {ms['off']:.1f} ms, step {ms['step']:.1f} ms "
+          f"({result['speedup']['step']:.2f}x, compile {result['compile_s']['step']:.1f} s), "
+          f"model {ms['model']:.1f} ms ({result['speedup']['model']:.2f}x, "
+          f"compile {result['compile_s']['model']:.1f} s)"
+          f"{verdict}")
+    return result
+
+
+def test_bench_vit_h14_launch_proxy_compiled_step(benchmark):
+    compare_modes(benchmark, "vit_h14_proxy_semi_step", PROXY, rounds=15, target=2.0)
+
+
+def test_bench_demo_semi_step_compiled(benchmark):
+    compare_modes(benchmark, "demo_semi_step_compile", [], rounds=15)
+
+
+@pytest.fixture(autouse=True)
+def _eager_defaults():
+    yield
+    torch._dynamo.reset()
