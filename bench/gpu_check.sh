@@ -9,8 +9,9 @@
 #   pytest-cuda.log  the Triton tests (tests/unit -k triton) on CUDA tensors: the real kernels, no interpreter
 #   gpu-suite.json   python -m bench.gpu_suite: kernel correctness + GB/s vs copy, the ViT-B/16 and ViT-H/14
 #                    semi steps (img/s, MFU, peak memory vs the dry run), the original-style step, Triton vs
-#                    torch step, torch.compile, attention/forward, the kernels' launch sweeps, the largest
-#                    batch; rewritten after every section, so a part cut short keeps what it measured
+#                    torch step, ViT-H/14 eager vs run.compile = step vs step + CUDA graphs, torch.compile
+#                    of ViT-B/16, attention/forward, the kernels' launch sweeps, the largest batch;
+#                    rewritten after every section, so a part cut short keeps what it measured
 #   gpu-suite.log    its output;  RESULTS-gpu.md  its table (to paste into bench/RESULTS.md)
 #   exit-codes.txt   each part's exit code (124 = killed by its cap)
 #   summary.txt      the verdict, also printed last: each target met / MISSED / not measured, every error
@@ -23,9 +24,10 @@
 # sizes were chosen (an estimate from the FLOP and byte counts, not yet a measurement): the ViT-H/14 semi
 # step at 2 + 10 images is ~15 TFLOP (~40 ms at 400 TFLOP/s), the ViT-B/16 step at 16 + 80 ~13 TFLOP,
 # 13 steps each (warm-up + 10); the kernels move < 10 GB per timed call; Triton JIT-compiles each kernel
-# variant in ~1 s; inductor's compile of the ViT-B/16 step (~1-2 min) is the largest unknown, which is why
-# it runs after the kernels, the steps, the original-style step and Triton vs torch. Parts that do not fit
-# are listed as not run, never silently dropped.
+# variant in ~1 s; inductor's compiles (the ViT-H/14 step twice, with and without CUDA graphs, then the
+# ViT-B/16 model; ~1-2 min each) are the largest unknown, which is why they run after the kernels, the
+# steps, the original-style step and Triton vs torch, each compile mode's row saved as soon as it is
+# measured. Parts that do not fit are listed as not run, never silently dropped.
 #
 # On the GPU machine: no network, no pip install; run from the repository root with PYTHONPATH=. (set here).
 set -uo pipefail
