@@ -22,12 +22,14 @@ from pathlib import Path
 
 import torch
 
+from bench.machine import cpu_label
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_seed(seed: int, out: Path) -> dict:
+def run_seed(seed: int, out: Path, overrides: list[str]) -> dict:
     cmd = [sys.executable, "-m", "engine.train", "--out", str(out), "--run.seed", str(seed),
-           "--logging.progress", "false"]
+           "--logging.progress", "false", *overrides]
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
     return json.loads((out / "results.json").read_text())
 
@@ -36,11 +38,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--keep", help="keep the run folders under this folder (default: deleted)")
-    args = parser.parse_args()
+    parser.add_argument("--tag", default="", help="appended to the result file's name (e.g. a variant's name)")
+    args, overrides = parser.parse_known_args()  # the rest goes to engine.train, e.g. --run.compile step
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
-            r = run_seed(seed, Path(args.keep or tmp) / f"seed{seed}")
+            r = run_seed(seed, Path(args.keep or tmp) / f"seed{seed}", overrides)
             s = r["stages"]
             rows.append({"seed": seed, "wall_seconds": r["wall_seconds"],
                          "baseline_top1": s.get("baseline", {}).get("top1"),
@@ -63,10 +66,10 @@ def main() -> None:
           f"({mae_gain:+.2f} points), Semi-ViT {mean['semi_teacher_top1']:.2f}% ({semi_gain:+.2f} points); "
           f"Semi-ViT teacher vs supervised student +{gain:.2f} points; "
           f"wall {mean['wall_seconds']:.1f} s per run (max {max(r['wall_seconds'] for r in rows):.1f} s)")
-    result = {"date": str(date.today()), "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, "
-              f"{platform.processor() or 'cpu'}", "torch": torch.__version__, "runs": rows, "mean": mean,
+    result = {"date": str(date.today()), "machine": f"{platform.machine()}, {cpu_label()}",
+              "torch": torch.__version__, "overrides": overrides, "runs": rows, "mean": mean,
               "gain_points": gain, "mae_gain_points": mae_gain, "semi_gain_points": semi_gain}
-    out = ROOT / "bench" / "results" / f"demo_seeds-{date.today()}.json"
+    out = ROOT / "bench" / "results" / f"demo_seeds-{date.today()}{'-' + args.tag if args.tag else ''}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"raw results: {out.relative_to(ROOT)}")

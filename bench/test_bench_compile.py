@@ -15,7 +15,6 @@ The CPU, its instruction set and torch's chosen CPU capability are printed with 
 
 from __future__ import annotations
 
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import pytest
 import torch
 
 from bench.gpu_suite import MetricSink
+from bench.machine import cpu_label
 from engine.config import load_plan
 from engine.models.vit import ARCHS
 from engine.optim import build_optimizer
@@ -39,18 +39,6 @@ PROXY_ARCH = "vit_h14_launch_proxy"
 ARCHS.setdefault(PROXY_ARCH, dict(patch_size=16, embed_dim=64, depth=32, num_heads=16, mlp_ratio=4.0))
 PROXY = [("model.arch", PROXY_ARCH), ("model.img_size", "32"), ("data.batch_size", "2"), ("semi.mu", "5")]
 MODES = ("off", "step", "model")
-
-
-def cpu_name() -> str:
-    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def cpu_label() -> str:
-    return (f"{cpu_name()}, torch CPU capability {torch.backends.cpu.get_cpu_capability()}, "
-            f"{torch.get_num_threads()} threads, torch {torch.__version__}")
 
 
 def semi_step(overrides, mode: str):
