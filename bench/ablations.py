@@ -100,14 +100,16 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {cpu}, torch {version('torch')}"
 
 
-def write_outputs(args, records: list[dict], variants: list[str], cfg_arch: str) -> str:
+def write_outputs(args, records: list[dict], chosen: list[Variant], cfg_arch: str) -> str:
     """The table, the plot and summary.json in the sweep folder, the copy, the RESULTS.md section."""
+    variants = [v.name for v in chosen]
     grid = [r for r in records if r["arch"] == cfg_arch and r["budget"] in args.budgets]
     text = budget_table(grid, variants, args.budgets)
     if args.models:
         scaled = [r for r in records if r["budget"] == args.scaling_budget and r["arch"] in args.models]
         text += (f"\n\nModel size at {args.scaling_budget} labels per class:\n\n"
                  + scaling_table(scaled, variants, args.models))
+    text += "\n\nVariants: " + "; ".join(f"`{v.name}`: {v.about}" for v in chosen) + "."
     (args.out / "table.md").write_text(text + "\n")
     figure = plot(grid, variants, args.budgets, args.out / "ablations.png")
     args.results_dir.mkdir(parents=True, exist_ok=True)
@@ -144,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{len(runs)} runs ({len(sweep.pending(runs))} to do) in {args.out}", flush=True)
         t0 = time.perf_counter()
         records = sweep.run_all(runs)
-        print(write_outputs(args, records, [v.name for v in variants], cfg_arch))
+        print(write_outputs(args, records, variants, cfg_arch))
         print(f"sweep wall time {time.perf_counter() - t0:.0f} s; table {args.out / 'table.md'}, raw JSON "
               f"{args.results_dir}, section in {args.results_md}")
         return 0

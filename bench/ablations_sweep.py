@@ -117,7 +117,8 @@ class Sweep:
     def record(self, run: Run) -> dict:
         about = {"name": run.name, "variant": run.variant.name, "budget": run.budget, "seed": run.seed,
                  "arch": run.arch or self.cfg_arch, "run_stages": list(run.variant.stages),
-                 "overrides": [f"--{k}={v}" for k, v in run.variant.overrides], "run_dir": str(self.run_dir(run))}
+                 "overrides": [f"--{k}={v}" for k, v in run.variant.overrides], "run_dir": str(self.run_dir(run)),
+                 "engine_overrides": [f"--{k}={v}" for k, v in run_overrides(run, self.sweep, self.common)]}
         record = run_record(self.run_dir(run), about, run.variant.scored)
         path = self.sweep / "results" / f"{run.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)

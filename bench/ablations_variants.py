@@ -67,7 +67,9 @@ def parse_variant(text: str) -> Variant:
         raise problem("--variant", text, f"the name '{name}' must start with a letter or digit and hold only "
                                          f"letters, digits and . _ + - (it names run folders)")
     overrides, stages = parse_items("--variant", text, body)
-    return Variant(name, overrides, stages or Variant(name).stages, about=body.strip() or "the recipe")
+    stages = stages or Variant(name).stages
+    about = ", ".join([f"--{k}={v}" for k, v in overrides] + [f"stages {' '.join(stages)}"])
+    return Variant(name, overrides, stages, about=about)
 
 
 def parse_items(flag: str, text: str, body: str) -> tuple[tuple[tuple[str, str], ...], tuple[str, ...] | None]:
