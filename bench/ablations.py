@@ -17,6 +17,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import sys
 import time
 from datetime import date
@@ -132,7 +133,13 @@ more than 5 points below its own peak. Raw JSON per run: `{where}/`; the plot:
     return text
 
 
+def stop(signum, frame) -> None:
+    """SIGTERM (a job scheduler, kill) stops the sweep as Ctrl-C does: the current run saves and exits first."""
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
+    signal.signal(signal.SIGTERM, stop)
     try:
         args = parse_args(argv)
     except SystemExit as exit_:

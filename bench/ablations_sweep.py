@@ -73,16 +73,20 @@ def engine_command(cfg: Path, out: Path, overrides) -> list[str]:
 
 
 def run_engine(cfg: Path, out: Path, overrides) -> None:
-    """One engine run, its output appended to OUT/ablation.log; Ctrl-C reaches it too (it saves and exits 3)."""
+    """One engine run, its output appended to OUT/ablation.log. It runs in its own session, so a signal meant
+    for the sweep (Ctrl-C, SIGTERM to the sweep or its process group) reaches it once, from here, as SIGTERM:
+    it finishes its step, saves and exits 3 (a second signal would stop it unsaved)."""
     out.mkdir(parents=True, exist_ok=True)
     log = out / "ablation.log"
     with open(log, "a") as sink:
-        proc = subprocess.Popen(engine_command(cfg, out, overrides), cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(engine_command(cfg, out, overrides), cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
+                                start_new_session=True)
         try:
             code = proc.wait()
         except KeyboardInterrupt:
-            proc.send_signal(signal.SIGINT)
-            code = proc.wait()
+            proc.terminate()
+            proc.wait()
+            raise
     if code in (EXIT_INTERRUPTED, -signal.SIGINT, -signal.SIGTERM):
         raise KeyboardInterrupt
     if code:
