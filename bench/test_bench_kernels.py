@@ -7,10 +7,14 @@ the fused op with each baseline under perf_counter (median baseline / median fus
 is recorded too), printed, stored in ``benchmark.extra_info`` and summed up at the end with the target
 each one is held to. Interleaving and medians, because other processes may share the 2 cores.
 Under ``--benchmark-disable`` (the smoke mode) every call runs once and no ratio is computed.
+Every result records the CPU, the native loops' instruction-set copy (``SEMIVIT_NATIVE_ISA=avx2`` forces
+the AVX2 copy on an AVX-512 machine; docs/kernels.md) and torch's own CPU capability, since ratios
+depend on both.
 """
 
 from __future__ import annotations
 
+import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -29,18 +33,40 @@ from kernels import (
     pseudo_mixup,
     soft_target_cross_entropy,
 )
+from kernels import native
 from kernels.dispatch import resolve
 
 FUSED = resolve("auto", torch.device("cpu"))  # "native" when built, else "torch" (then fused == torch)
 _RESULTS: dict[str, dict] = {}
 
 
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _instruction_sets() -> dict[str, str]:
+    """The CPU, the native loops' copy (none when the fused ops are torch's) and torch's capability."""
+    return {"cpu": _cpu_name(), "native_isa": native.instruction_set() if FUSED == "native" else "none",
+            "torch_cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+def _isa_line(info: dict[str, str]) -> str:
+    return f"{info['cpu']}, native {info['native_isa']}, torch {info['torch_cpu_capability']}"
+
+
 @pytest.fixture(scope="module", autouse=True)
 def _print_summary():
     yield
     if _RESULTS:
-        print(f"\n\nfused ops ({FUSED}) on {torch.get_num_threads()} CPU threads, torch {torch.__version__}; "
-              "speed-up = baseline median / fused median")
+        print(f"\n\nfused ops ({FUSED}) on {torch.get_num_threads()} CPU threads, torch {torch.__version__}, "
+              f"{_isa_line(_instruction_sets())}; speed-up = baseline median / fused median")
         for name, r in _RESULTS.items():
             for base, ratio in r["speedups"].items():
                 target = r["targets"].get(base)
@@ -77,7 +103,7 @@ def _compare(benchmark, name: str, fused: Callable, baselines: dict[str, Callabl
     times = _interleaved_times({"fused": fused, **baselines}, ratio_rounds)
     fused_median = statistics.median(times["fused"])
     result = {"fused_ms": fused_median * 1e3, "baseline_ms": {}, "speedups": {}, "speedups_of_means": {},
-              "targets": dict(targets or {}), "fused_backend": FUSED}
+              "targets": dict(targets or {}), "fused_backend": FUSED, **_instruction_sets()}
     for base in baselines:
         median = statistics.median(times[base])
         result["baseline_ms"][base] = median * 1e3
@@ -86,7 +112,7 @@ def _compare(benchmark, name: str, fused: Callable, baselines: dict[str, Callabl
     benchmark.extra_info.update(result)
     _RESULTS[name] = result
     ratios = ", ".join(f"{r:.2f}x vs {b}" for b, r in result["speedups"].items())
-    print(f"\n{name} ({FUSED}): {fused_median * 1e3:.3f} ms median; {ratios}")
+    print(f"\n{name} ({FUSED}; {_isa_line(result)}): {fused_median * 1e3:.3f} ms median; {ratios}")
 
 
 # ------------------------------------------------------------------------------------------ EMA

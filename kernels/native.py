@@ -7,7 +7,13 @@ the meta device and trace under ``torch.compile(fullgraph=True)``; ``soft_target
 is registered in C++ (its forward writes the gradient; the backward scales it). Schemas:
 ``kernels.contract``; semantics: docs/kernels.md.
 
-Public API: ``load``, ``available``, ``status``, ``library_path``, ``BUILD_COMMAND``.
+The hot loops are compiled for AVX-512, AVX2 and a baseline (x86-64-v2); ``instruction_set()`` names
+the copy that runs. ``SEMIVIT_NATIVE_ISA`` (``avx512`` | ``avx2`` | ``baseline``, read on every call)
+forces a narrower copy of the soft-target CE, e.g. to measure the AVX2 copy on an AVX-512 machine; the
+other ops take the widest copy the CPU runs, chosen when the library loads.
+
+Public API: ``load``, ``available``, ``status``, ``instruction_set``, ``library_path``, ``BUILD_COMMAND``,
+``ISA_ENV``.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ import torch
 
 from kernels import contract
 
-__all__ = ["BUILD_COMMAND", "available", "library_path", "load", "status"]
+__all__ = ["BUILD_COMMAND", "ISA_ENV", "available", "instruction_set", "library_path", "load", "status"]
 
 BUILD_COMMAND = "cmake -S . -B build -DCMAKE_BUILD_TYPE=Release && cmake --build build -j2"
+ISA_ENV = "SEMIVIT_NATIVE_ISA"
 _REPO_ROOT = Path(__file__).resolve().parent.parent  # the parent of the kernels package
 
 _loaded = False
@@ -75,6 +82,16 @@ def status() -> str:
     if _error is not None:
         return f"native: failed to load {shown} ({_error}) — rebuild with: {BUILD_COMMAND}"
     return f"native: not built — run: {BUILD_COMMAND}"
+
+
+def instruction_set() -> str:
+    """The copy of the soft-target CE's loops that runs now: ``"avx512"``, ``"avx2"`` or ``"baseline"``
+    (the widest this CPU runs, or the one ``$SEMIVIT_NATIVE_ISA`` names). Raises RuntimeError when the
+    library is not loaded (the message is ``status()``) or when ``$SEMIVIT_NATIVE_ISA`` names an unknown
+    set or one this CPU cannot run."""
+    if not load():
+        raise RuntimeError(status())
+    return torch.ops.semivit_native.instruction_set()
 
 
 def _register_python_parts() -> None:

@@ -39,11 +39,14 @@ class SoftTargetCE : public torch::autograd::Function<SoftTargetCE> {
     ctx->save_for_backward({grad});
     ctx->saved_data["dtype"] = static_cast<int64_t>(logits.scalar_type());
     ctx->mark_non_differentiable({grad});  // saved for the backward, not a differentiable output
+    // no (B, C) zeros for the never-used gradient of `grad`: the backward only reads the loss's
+    ctx->set_materialize_grads(false);
     return {loss, grad};
   }
 
   // Gradient w.r.t. the logits only (labels, lam, mask and smoothing are data); first order only.
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    if (!grads[0].defined()) return {at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
     const auto dtype = static_cast<at::ScalarType>(ctx->saved_data["dtype"].toInt());
     at::Tensor grad = at::mul(ctx->get_saved_variables()[0], grads[0]);
     if (grad.scalar_type() != dtype) grad = grad.to(dtype);

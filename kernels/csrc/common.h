@@ -13,22 +13,33 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <string_view>
 #include <type_traits>
 
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
 
-// Hot loops are compiled three times (AVX-512, AVX2, baseline x86-64-v2) and picked at load time
-// by the dynamic loader (GCC ifunc), so one portable .so runs with the widest vectors the CPU has.
+// Hot loops are compiled three times (AVX-512, AVX2, baseline x86-64-v2) so one portable .so runs with
+// the widest vectors the CPU has. SEMIVIT_CLONES: the dynamic loader picks the copy (GCC ifunc) from the
+// CPU alone. SEMIVIT_AVX2 / SEMIVIT_AVX512 mark the entry points of run_for_isa (below), which picks
+// the copy on each call and honours SEMIVIT_NATIVE_ISA.
 #if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__)
 #define SEMIVIT_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#define SEMIVIT_ISA_COPIES 1
+#define SEMIVIT_AVX512 __attribute__((target("arch=x86-64-v4")))
+#define SEMIVIT_AVX2 __attribute__((target("arch=x86-64-v3")))
 #else
 #define SEMIVIT_CLONES
+#define SEMIVIT_ISA_COPIES 0
+#define SEMIVIT_AVX512
+#define SEMIVIT_AVX2
 #endif
 #define SEMIVIT_INLINE inline __attribute__((always_inline))
+#define SEMIVIT_INLINE_LAMBDA __attribute__((always_inline))  // after a lambda's parameter list
 
 namespace semivit_native {
 
@@ -61,17 +72,90 @@ void parallel_rows(int64_t rows, int64_t cost_per_row, const F& f) {
   }
 }
 
+// ------------------------------------------------------------------- instruction set of the hot loops
+
+enum class Isa { kBaseline = 0, kAvx2 = 1, kAvx512 = 2 };  // ordered: each runs the ones below it
+
+inline const char* isa_name(Isa isa) {
+  switch (isa) {
+    case Isa::kAvx512: return "avx512";
+    case Isa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
+
+// The widest copy this CPU runs (the one SEMIVIT_CLONES functions get).
+inline Isa cpu_isa() {
+  static const Isa isa = [] {
+#if SEMIVIT_ISA_COPIES
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("x86-64-v4")) return Isa::kAvx512;
+    if (__builtin_cpu_supports("x86-64-v3")) return Isa::kAvx2;
+#endif
+    return Isa::kBaseline;
+  }();
+  return isa;
+}
+
+constexpr const char* kIsaEnv = "SEMIVIT_NATIVE_ISA";
+
+// cpu_isa(), or the narrower copy $SEMIVIT_NATIVE_ISA names (avx512 | avx2 | baseline), read on every
+// call, so one machine can measure each copy it runs. Call it outside OpenMP regions: it throws for an
+// unknown name or a copy this CPU cannot run.
+inline Isa chosen_isa() {
+  const Isa cpu = cpu_isa();
+  const char* env = std::getenv(kIsaEnv);
+  if (env == nullptr || *env == '\0') return cpu;
+  const std::string_view want(env);
+  for (const Isa isa : {Isa::kAvx512, Isa::kAvx2, Isa::kBaseline}) {
+    if (want != isa_name(isa)) continue;
+    TORCH_CHECK(isa <= cpu, kIsaEnv, "=", want, ": this CPU runs at most the ", isa_name(cpu),
+                " copy of the native ops; unset ", kIsaEnv, " or name a narrower one");
+    return isa;
+  }
+  TORCH_CHECK(false, kIsaEnv, "=", want, " is not an instruction set of the native ops: set avx512, avx2 or baseline, ",
+              "or unset it (the widest this CPU runs)");
+}
+
+template <class F>
+SEMIVIT_AVX512 void run_avx512(const F& f) { f(); }
+template <class F>
+SEMIVIT_AVX2 void run_avx2(const F& f) { f(); }
+template <class F>
+void run_baseline(const F& f) { f(); }
+
+// Runs f compiled for `isa`: f must be an always-inline lambda (SEMIVIT_INLINE_LAMBDA) calling only
+// always-inline code, so that its whole body is compiled into each of the three copies.
+template <class F>
+void run_for_isa(Isa isa, const F& f) {
+  switch (isa) {
+    case Isa::kAvx512: run_avx512(f); return;
+    case Isa::kAvx2: run_avx2(f); return;
+    default: run_baseline(f); return;
+  }
+}
+
 // float for fp32 / bf16 / fp16 inputs, double for fp64 inputs.
 template <class T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
+// cond ? a : b on the bits. GCC if-converts a float ternary into a vector blend only with AVX-512's
+// mask registers (or -fno-trapping-math): written as a ternary, the AVX2 and baseline copies of a loop
+// keep the branch and run scalar. The same value on every copy.
+template <class A>
+SEMIVIT_INLINE A select_bits(bool cond, A a, A b) {
+  using U = std::conditional_t<sizeof(A) == 4, uint32_t, uint64_t>;
+  const U m = U{0} - static_cast<U>(cond);
+  return std::bit_cast<A>((std::bit_cast<U>(a) & m) | (std::bit_cast<U>(b) & ~m));
+}
+
 // exp: Cephes' expf polynomial (|rel err| ~ 2 ulp) on [-87.3, 88] (x clamped at 88; 0 below -87.3, so
-// exp(-inf) = 0); NaN stays NaN.
-// Written branch-free so loops over it vectorise.
+// exp(-inf) = 0); NaN stays NaN (both comparisons are false for it).
+// Branch-free (select_bits) so loops over it vectorise on every instruction set.
 SEMIVIT_INLINE float vexp(float x) {
   constexpr float lo = -87.33654f, hi = 88.0f;
-  float xc = x < lo ? lo : x;
-  xc = xc > hi ? hi : xc;
+  const bool below = x < lo;
+  const float xc = select_bits(below, lo, select_bits(x > hi, hi, x));
   // Explicit fused multiply-adds: std::fma is exactly rounded everywhere, so the AVX-512 / AVX2 clones
   // (one vfmadd each) and the baseline clone (a library call) give identical results.
   const float t = std::fma(xc, 1.44269504088896341f, 12582912.0f);  // round(x/ln2): the 1.5*2^23 trick
@@ -88,7 +172,7 @@ SEMIVIT_INLINE float vexp(float x) {
   y = std::fma(y, r, 5.0000001201E-1f);
   y = std::fma(y, r2, r) + 1.0f;
   const float res = y * std::bit_cast<float>((n + 127) << 23);
-  return x < lo ? 0.0f : res;
+  return select_bits(below, 0.0f, res);
 }
 SEMIVIT_INLINE double vexp(double x) { return std::exp(x); }
 
@@ -103,17 +187,24 @@ SEMIVIT_INLINE const A* as_acc(const T* src, int64_t n, A* buf) {
   }
 }
 
+// Lanes of block_max. Above 16 on purpose: GCC fully unrolls a 16-lane loop and then fails to vectorise
+// the 16 separate max-selects on AVX2 (they stay scalar); a 32-lane loop is vectorised as a loop. The
+// max does not depend on the lane layout, so this changes no result.
+constexpr int kMaxLanes = 32;
+
 // Max of x[0, n), lane-wise so it vectorises. NaNs are skipped (they still make the exp-sum NaN).
 template <class A>
 SEMIVIT_INLINE A block_max(const A* x, int64_t n) {
-  A acc[kLanes];
-  for (int k = 0; k < kLanes; ++k) acc[k] = -std::numeric_limits<A>::infinity();
+  A acc[kMaxLanes];
+  for (int k = 0; k < kMaxLanes; ++k) acc[k] = -std::numeric_limits<A>::infinity();
   int64_t c = 0;
-  for (; c + kLanes <= n; c += kLanes)
-    for (int k = 0; k < kLanes; ++k) acc[k] = x[c + k] > acc[k] ? x[c + k] : acc[k];
+  for (; c + kMaxLanes <= n; c += kMaxLanes) {
+#pragma GCC unroll 1
+    for (int k = 0; k < kMaxLanes; ++k) acc[k] = select_bits(x[c + k] > acc[k], x[c + k], acc[k]);
+  }
   A m = -std::numeric_limits<A>::infinity();
-  for (; c < n; ++c) m = x[c] > m ? x[c] : m;
-  for (int k = 0; k < kLanes; ++k) m = acc[k] > m ? acc[k] : m;
+  for (; c < n; ++c) m = select_bits(x[c] > m, x[c], m);
+  for (int k = 0; k < kMaxLanes; ++k) m = select_bits(acc[k] > m, acc[k], m);
   return m;
 }
 

@@ -2,6 +2,9 @@
 // (tests/test_kernel_contract.py checks it); semantics: docs/kernels.md.
 #include <torch/library.h>
 
+#include <string>
+
+#include "common.h"
 #include "ops.h"
 
 TORCH_LIBRARY(semivit_native, m) {
@@ -22,6 +25,9 @@ TORCH_LIBRARY(semivit_native, m) {
   m.def(
       "soft_target_ce(Tensor logits, Tensor label_a, Tensor label_b, Tensor lam, Tensor? mask, float smoothing, "
       "bool with_grad) -> (Tensor loss, Tensor grad)");
+  // Not a kernel (no tensors, not in the contract): which copy of the per-call dispatched loops runs
+  // now (common.h: run_for_isa), for benchmark records.
+  m.def("instruction_set() -> str", [] { return std::string(semivit_native::isa_name(semivit_native::chosen_isa())); });
 }
 
 TORCH_LIBRARY_IMPL(semivit_native, CPU, m) {

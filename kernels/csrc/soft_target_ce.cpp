@@ -53,7 +53,7 @@ SEMIVIT_INLINE A block_exp_store(const A* x, int64_t n, A m, A* __restrict dst) 
 
 // Loss only (no gradient wanted): one online pass per row.
 template <class T>
-SEMIVIT_CLONES void ce_rows(const T* z, int64_t C, const int64_t* la, const int64_t* lb, const float* lam,
+SEMIVIT_INLINE void ce_rows(const T* z, int64_t C, const int64_t* la, const int64_t* lb, const float* lam,
                             CeConst<acc_t<T>> k, acc_t<T>* ce, int64_t r0, int64_t r1) {
   using A = acc_t<T>;
   for (int64_t i = r0; i < r1; ++i) {
@@ -68,7 +68,7 @@ SEMIVIT_CLONES void ce_rows(const T* z, int64_t C, const int64_t* la, const int6
 // Loss and gradient: per row a max / sum pass, an exp pass that writes exp(z - max) into the gradient
 // row, and a scaling pass over it (rows of up to ~100k classes stay in L2 between passes).
 template <class T>
-SEMIVIT_CLONES void ce_grad_rows(const T* z, int64_t C, const int64_t* la, const int64_t* lb, const float* lam,
+SEMIVIT_INLINE void ce_grad_rows(const T* z, int64_t C, const int64_t* la, const int64_t* lb, const float* lam,
                                  const float* mask, double inv_b, CeConst<acc_t<T>> k, acc_t<T>* ce,
                                  acc_t<T>* grad, int64_t r0, int64_t r1) {
   using A = acc_t<T>;
@@ -131,15 +131,20 @@ std::tuple<at::Tensor, at::Tensor> soft_target_ce(const at::Tensor& logits, cons
     using A = acc_t<scalar_t>;
     const scalar_t* z = logits.const_data_ptr<scalar_t>();
     const CeConst<A> k = ce_const<A>(smoothing, C);
+    const Isa isa = chosen_isa();
     std::vector<A> ce(B);
     if (with_grad) {
       A* gp = grad.data_ptr<A>();
       const double inv_b = B ? 1.0 / static_cast<double>(B) : 0.0;
       parallel_rows(B, 3 * C, [&](int64_t r0, int64_t r1) {
-        ce_grad_rows<scalar_t>(z, C, la, lb, lp, mp, inv_b, k, ce.data(), gp, r0, r1);
+        run_for_isa(isa, [&]() SEMIVIT_INLINE_LAMBDA {
+          ce_grad_rows<scalar_t>(z, C, la, lb, lp, mp, inv_b, k, ce.data(), gp, r0, r1);
+        });
       });
     } else {
-      parallel_rows(B, C, [&](int64_t r0, int64_t r1) { ce_rows<scalar_t>(z, C, la, lb, lp, k, ce.data(), r0, r1); });
+      parallel_rows(B, C, [&](int64_t r0, int64_t r1) {
+        run_for_isa(isa, [&]() SEMIVIT_INLINE_LAMBDA { ce_rows<scalar_t>(z, C, la, lb, lp, k, ce.data(), r0, r1); });
+      });
     }
     // the masked mean, summed in row order in float64: the same bits for any thread count
     double total = 0.0;
