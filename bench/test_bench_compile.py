@@ -15,6 +15,7 @@ The CPU, its instruction set and torch's chosen CPU capability are printed with 
 
 from __future__ import annotations
 
+import os
 import statistics
 import time
 from pathlib import Path
@@ -62,6 +63,19 @@ def semi_step(overrides, mode: str):
     return step
 
 
+def top_ops(step, steps: int = 3, rows: int = 10) -> list[tuple[str, float, float]]:
+    """(op, self CPU ms per step, calls per step) of the largest ops over `steps` profiled steps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(steps):
+            step()
+    events = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+    total = sum(e.self_cpu_time_total for e in events)
+    out = [(e.key[:70], e.self_cpu_time_total / 1e3 / steps, e.count / steps) for e in events[:rows]]
+    return [("(all ops)", total / 1e3 / steps, sum(e.count for e in events) / steps), *out]
+
+
 def compare_modes(benchmark, name: str, overrides, rounds: int, target: float | None = None) -> dict:
     torch._dynamo.reset()
     steps, first = {}, {}
@@ -85,6 +99,12 @@ def compare_modes(benchmark, name: str, overrides, rounds: int, target: float | 
     ms = {m: 1e3 * statistics.median(t) for m, t in times.items()}
     result = {"cpu": cpu_label(), "step_ms": ms, "compile_s": {m: first[m] - ms[m] / 1e3 for m in MODES},
               "speedup": {m: ms["off"] / ms[m] for m in MODES if m != "off"}, "target_step": target}
+    if target is not None and result["speedup"]["step"] < target:  # where the time goes instead
+        result["top_ops"] = {m: top_ops(steps[m]) for m in ("off", "step")}
+        for mode, rows in result["top_ops"].items():
+            print(f"\n{name}, {mode}: the largest ops by self CPU time (ms per step, calls per step)")
+            for op, ms_, calls in rows:
+                print(f"  {ms_:8.2f} ms {calls:6.0f}x  {op}")
     benchmark.extra_info.update(result)
     verdict = "" if target is None else f"; target step >= {target:g}x: " + \
         ("met" if result["speedup"]["step"] >= target else "NOT met")
@@ -102,6 +122,19 @@ def test_bench_vit_h14_launch_proxy_compiled_step(benchmark):
 
 def test_bench_demo_semi_step_compiled(benchmark):
     compare_modes(benchmark, "demo_semi_step_compile", [], rounds=15)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _cold_compile_cache(tmp_path_factory):
+    """Compile times as a first run sees them: inductor's on-disk cache starts empty (the step mode compiles
+    first; the model mode may reuse kernels the step compiled in this process)."""
+    saved = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(tmp_path_factory.mktemp("inductor-cache"))
+    yield
+    if saved is None:
+        os.environ.pop("TORCHINDUCTOR_CACHE_DIR")
+    else:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = saved
 
 
 @pytest.fixture(autouse=True)

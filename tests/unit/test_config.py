@@ -161,3 +161,14 @@ def test_cuda_graphs_on_a_cpu_are_refused_before_any_work(tmp_path, capsys):
     assert code == 2
     assert "run.cuda_graphs = true needs a CUDA device" in capsys.readouterr().err
     assert not (out / "config.toml").exists()
+
+
+def test_dry_run_states_the_compile_mode_and_what_cuda_graphs_hold(capsys):
+    assert main(["--cfg", str(ROOT / "configs" / "h14_1pct.toml"), "--dry-run", "--run.compile", "step",
+                 "--run.cuda_graphs", "true"]) == 0
+    out = capsys.readouterr().out
+    assert "run.compile = step: torch.compile of the whole micro-step" in out and "replayed as a CUDA graph" in out
+    assert "CUDA graphs       hold the step's activations" in out
+    assert main(["--cfg", str(ROOT / "configs" / "h14_1pct.toml"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "run.compile = off: eager" in out and "CUDA graphs       hold" not in out
