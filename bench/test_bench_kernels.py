@@ -29,11 +29,11 @@ from kernels import (
     ema_update,
     flatten_into_buffers,
     mix_batch,
+    native,
     pseudo_label,
     pseudo_mixup,
     soft_target_cross_entropy,
 )
-from kernels import native
 from kernels.dispatch import resolve
 
 FUSED = resolve("auto", torch.device("cpu"))  # "native" when built, else "torch" (then fused == torch)

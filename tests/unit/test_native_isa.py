@@ -51,7 +51,8 @@ def test_a_narrower_copy_can_be_forced_and_a_wider_one_cannot(native_ops, monkey
 
 def test_an_unknown_instruction_set_is_an_error_naming_the_choices(native_ops, monkeypatch):
     monkeypatch.setenv(native.ISA_ENV, "AVX2")  # the names are lower case, as instruction_set() returns them
-    with pytest.raises(RuntimeError, match="SEMIVIT_NATIVE_ISA=AVX2 is not an instruction set.*avx512, avx2 or baseline"):
+    expected = "SEMIVIT_NATIVE_ISA=AVX2 is not an instruction set.*avx512, avx2 or baseline"
+    with pytest.raises(RuntimeError, match=expected):
         native.instruction_set()
     z = native_ops.soft_target_ce  # the op itself refuses too, before any work
     import torch
