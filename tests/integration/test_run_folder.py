@@ -141,18 +141,23 @@ def flip_64_bytes(path: Path, inside: bytes) -> None:
     path.write_bytes(bytes(raw))
 
 
+def resume_past_damage(out, args, capsys, damaged) -> None:
+    """Unfinish the 6-step run and resume it: the damaged checkpoint is named and skipped, step 3's taken."""
+    (out / "checkpoints" / "finetune-final.pt").unlink()
+    capsys.readouterr()
+    assert main([*args, "--checkpoint.resume", "auto"]) == 0
+    said = capsys.readouterr().out
+    assert f"warning: skipping checkpoint '{damaged}' is damaged" in said
+    assert "resumed at step 3/6" in said
+
+
 def test_resume_skips_a_rolling_checkpoint_with_64_flipped_bytes_and_takes_the_previous_one(tmp_path, capsys):
     out, args = tmp_path / "run", ["--out", str(tmp_path / "run"), *FINETUNE, "--schedule.max_steps", "6"]
     assert main(args) == 0
     newest = out / "checkpoints" / "finetune-e0002-s000006.pt"
     flip_64_bytes(newest, bytes(checksums.tensor_bytes(largest_tensor(ckpt.safe_load(newest)))))
     torch.load(newest, weights_only=True)  # it still opens: only the checksum tells
-    (out / "checkpoints" / "finetune-final.pt").unlink()
-    capsys.readouterr()
-    assert main([*args, "--checkpoint.resume", "auto"]) == 0
-    said = capsys.readouterr().out
-    assert f"warning: skipping checkpoint '{newest}' is damaged" in said
-    assert "resumed at step 3/6" in said
+    resume_past_damage(out, args, capsys, damaged=newest)
     assert ckpt.safe_load(newest)["step"] == 6  # written again in place of the damaged file
 
 
@@ -164,12 +169,7 @@ def test_resume_skips_a_dcp_folder_with_a_damaged_shard(tmp_path, capsys):
     shard = max(newest.glob("*.distcp"), key=lambda p: p.stat().st_size)
     weights = ckpt.safe_load(out / "checkpoints" / "finetune-final.pt")["model"]
     flip_64_bytes(shard, bytes(checksums.tensor_bytes(largest_tensor(weights))))
-    (out / "checkpoints" / "finetune-final.pt").unlink()
-    capsys.readouterr()
-    assert main([*args, "--checkpoint.resume", "auto"]) == 0
-    said = capsys.readouterr().out
-    assert f"warning: skipping checkpoint '{shard}' is damaged" in said
-    assert "resumed at step 3/6" in said
+    resume_past_damage(out, args, capsys, damaged=shard)
     assert ckpt.load_resumable(newest)["step"] == 6  # written again in place of the damaged folder
     assert not list((out / "checkpoints").glob(".*.tmp"))
 
