@@ -8,7 +8,9 @@ import json
 import signal
 import subprocess
 import sys
+import threading
 import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -72,21 +74,26 @@ def engine_command(cfg: Path, out: Path, overrides) -> list[str]:
             *(f"--{k}={v}" for k, v in overrides)]
 
 
+LIVE: set[subprocess.Popen] = set()  # the engine runs in progress, stopped together on Ctrl-C / SIGTERM
+LIVE_LOCK = threading.Lock()
+
+
 def run_engine(cfg: Path, out: Path, overrides) -> None:
     """One engine run, its output appended to OUT/ablation.log. It runs in its own session, so a signal meant
-    for the sweep (Ctrl-C, SIGTERM to the sweep or its process group) reaches it once, from here, as SIGTERM:
-    it finishes its step, saves and exits 3 (a second signal would stop it unsaved)."""
+    for the sweep (Ctrl-C, SIGTERM) does not reach it directly: the sweep passes it on once, as SIGTERM
+    (stop_live_runs), and the run finishes its step, saves and exits 3 (a second signal would stop it unsaved)."""
     out.mkdir(parents=True, exist_ok=True)
     log = out / "ablation.log"
     with open(log, "a") as sink:
         proc = subprocess.Popen(engine_command(cfg, out, overrides), cwd=ROOT, stdout=sink, stderr=subprocess.STDOUT,
                                 start_new_session=True)
+        with LIVE_LOCK:
+            LIVE.add(proc)
         try:
             code = proc.wait()
-        except KeyboardInterrupt:
-            proc.terminate()
-            proc.wait()
-            raise
+        finally:
+            with LIVE_LOCK:
+                LIVE.discard(proc)
     if code in (EXIT_INTERRUPTED, -signal.SIGINT, -signal.SIGTERM):
         raise KeyboardInterrupt
     if code:
@@ -94,12 +101,31 @@ def run_engine(cfg: Path, out: Path, overrides) -> None:
         raise RunFailed(f"the run in {out} failed (exit {code}); its log, {log}, ends:\n{tail}", code)
 
 
-class Sweep:
-    """Runs what is not finished yet, one at a time, with a progress line per run; `execute` is run_engine
-    (the tests pass a fake)."""
+def stop_live_runs() -> None:
+    with LIVE_LOCK:
+        for proc in LIVE:
+            proc.terminate()
 
-    def __init__(self, cfg: Path, sweep: Path, common, execute: Callable = run_engine, cfg_arch: str = ""):
+
+@dataclass(frozen=True)
+class Mae:
+    """A seed's MAE pre-training, which every run of that seed (and model size) waits for."""
+    seed: int
+    arch: str
+
+    @property
+    def name(self) -> str:
+        return mae_name(self.seed, self.arch)
+
+
+class Sweep:
+    """Runs what is not finished yet, `jobs` at a time, a run as soon as its seed's MAE exists, with a progress
+    line per finished run; `execute` is run_engine (the tests pass a fake)."""
+
+    def __init__(self, cfg: Path, sweep: Path, common, execute: Callable = run_engine, cfg_arch: str = "",
+                 jobs: int = 1):
         self.cfg, self.sweep, self.common, self.execute, self.cfg_arch = cfg, sweep, common, execute, cfg_arch
+        self.jobs = jobs
         self.seconds: dict[str, list[float]] = {}  # wall seconds of this session's runs, by stages
 
     def run_dir(self, run: Run) -> Path:
@@ -108,15 +134,8 @@ class Sweep:
     def pending(self, runs: list[Run]) -> list[Run]:
         return [r for r in runs if not (self.run_dir(r) / "results.json").is_file()]
 
-    def ensure_mae(self, seed: int, arch: str) -> None:
-        out = self.sweep / mae_name(seed, arch)
-        if (out / "results.json").is_file():
-            return
-        t0 = time.perf_counter()
-        self.execute(self.cfg, out, mae_overrides(seed, arch, self.common))
-        self.seconds.setdefault("mae", []).append(time.perf_counter() - t0)
-        print(f"[mae] seed {seed}{f' {arch}' if arch else ''}: pre-trained in {time.perf_counter() - t0:.0f} s "
-              f"({out})", flush=True)
+    def mae_done(self, mae: Mae) -> bool:
+        return (self.sweep / mae.name / "results.json").is_file()
 
     def record(self, run: Run) -> dict:
         about = {"name": run.name, "variant": run.variant.name, "budget": run.budget, "seed": run.seed,
@@ -130,6 +149,7 @@ class Sweep:
         return record
 
     def eta(self, left: list[Run], maes_left: int) -> float:
+        """Seconds until the sweep ends: what is left, at this session's mean per kind of run, over the jobs."""
         every = [s for times in self.seconds.values() for s in times]
         if not every:
             return float("nan")
@@ -138,27 +158,73 @@ class Sweep:
             times = self.seconds.get(key, every)
             return sum(times) / len(times)
 
-        return sum(mean(",".join(r.variant.stages)) for r in left) + maes_left * mean("mae")
+        work = sum(mean(",".join(r.variant.stages)) for r in left) + maes_left * mean("mae")
+        return work / min(self.jobs, max(1, len(left)))
+
+    def timed(self, task: Run | Mae) -> float:
+        t0 = time.perf_counter()
+        if isinstance(task, Mae):
+            self.execute(self.cfg, self.sweep / task.name, mae_overrides(task.seed, task.arch, self.common))
+        else:
+            self.execute(self.cfg, self.run_dir(task), run_overrides(task, self.sweep, self.common))
+        return time.perf_counter() - t0
+
+    def next_task(self, todo: list[Run], started: set[str]) -> Run | Mae | None:
+        """In plan order, the first run whose MAE is finished, else the first MAE not started yet."""
+        for run in todo:
+            mae = Mae(run.seed, run.arch)
+            if run.name not in started and self.mae_done(mae):
+                return run
+        for run in todo:
+            mae = Mae(run.seed, run.arch)
+            if mae.name not in started and not self.mae_done(mae):
+                return mae
+        return None
 
     def run_all(self, runs: list[Run]) -> list[dict]:
-        todo = {r.name for r in self.pending(runs)}
-        records = []
-        for i, run in enumerate(runs, 1):
-            where = (f"[{i}/{len(runs)}] {run.variant.name:<12} labels/class {run.budget}  seed {run.seed}"
-                     + (f"  {run.arch}" if run.arch else ""))
-            if run.name not in todo:
-                records.append(self.record(run))
-                print(f"{where}  teacher top-1 {records[-1]['teacher_top1']:.1f} %  (finished earlier)", flush=True)
-                continue
-            self.ensure_mae(run.seed, run.arch)
-            t0 = time.perf_counter()
-            self.execute(self.cfg, self.run_dir(run), run_overrides(run, self.sweep, self.common))
-            wall = time.perf_counter() - t0
-            self.seconds.setdefault(",".join(run.variant.stages), []).append(wall)
-            records.append(self.record(run))
-            left = [r for r in runs[i:] if r.name in todo]
-            maes_left = len({(r.seed, r.arch) for r in left
-                             if not (self.sweep / mae_name(r.seed, r.arch) / "results.json").is_file()})
-            print(f"{where}  teacher top-1 {records[-1]['teacher_top1']:.1f} %  {wall:.0f} s  "
-                  f"ETA {self.eta(left, maes_left) / 60:.1f} min", flush=True)
-        return records
+        todo = self.pending(runs)
+        records = {}
+        for run in runs:
+            if run not in todo:
+                records[run.name] = self.record(run)
+                print(f"[{len(records)}/{len(runs)}] {describe(run)}  teacher top-1 "
+                      f"{records[run.name]['teacher_top1']:.1f} %  (finished earlier)", flush=True)
+        started: set[str] = set()
+        running: dict[Future, Run | Mae] = {}
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:
+            try:
+                while todo or running:
+                    while len(running) < self.jobs and (task := self.next_task(todo, started)) is not None:
+                        started.add(task.name)
+                        running[pool.submit(self.timed, task)] = task
+                    if not running:
+                        raise RunFailed(f"nothing can start: the MAE pre-training of {todo[0].name} ended without "
+                                        f"{self.sweep / mae_name(todo[0].seed, todo[0].arch) / 'results.json'}", 1)
+                    finished, _ = wait(running, return_when=FIRST_COMPLETED)
+                    for future in finished:
+                        task = running.pop(future)
+                        wall = future.result()  # a failed run raises here
+                        self.report(task, wall, todo, records, len(runs))
+            except BaseException:
+                stop_live_runs()  # Ctrl-C, SIGTERM or a failed run: the runs in progress save and stop
+                wait(running)
+                raise
+        return [records[run.name] for run in runs]
+
+    def report(self, task: Run | Mae, wall: float, todo: list[Run], records: dict, total: int) -> None:
+        if isinstance(task, Mae):
+            self.seconds.setdefault("mae", []).append(wall)
+            print(f"[mae] seed {task.seed}{f' {task.arch}' if task.arch else ''}: pre-trained in {wall:.0f} s "
+                  f"({self.sweep / task.name})", flush=True)
+            return
+        self.seconds.setdefault(",".join(task.variant.stages), []).append(wall)
+        todo.remove(task)
+        records[task.name] = self.record(task)
+        maes_left = len({mae for mae in (Mae(r.seed, r.arch) for r in todo) if not self.mae_done(mae)})
+        print(f"[{len(records)}/{total}] {describe(task)}  teacher top-1 {records[task.name]['teacher_top1']:.1f} %  "
+              f"{wall:.0f} s  ETA {self.eta(todo, maes_left) / 60:.1f} min", flush=True)
+
+
+def describe(run: Run) -> str:
+    return (f"{run.variant.name:<12} labels/class {run.budget}  seed {run.seed}"
+            + (f"  {run.arch}" if run.arch else ""))

@@ -23,8 +23,9 @@ from engine.errors import UserError
 # What a run writes into its folder: removed by checkpoint.overwrite (other files are left alone).
 RUN_FILES = ("checkpoints", "results.json", "report.md", "model.safetensors", "metrics.jsonl", "tensorboard",
              "pseudo_labels.csv", "accuracy.png", "loss.png", "mask_rate.png", "reconstruction.png")
-# Keys that say how to start, not what to train: they may differ between a run and its resumption.
-HOW_TO_START = ("resume", "overwrite")
+# Keys that say how to start or how fast to go, not what to train: they may differ between a run and its
+# resumption (a sweep resumed with another --jobs gives each run another CPU thread count).
+HOW_TO_START = ("checkpoint.resume", "checkpoint.overwrite", "run.threads")
 
 
 @dataclass(frozen=True)
@@ -91,7 +92,8 @@ def comparable(plan: RunPlan) -> dict:
     for name, cfg in plan.stages.items():
         tree = to_dict(cfg)
         for key in HOW_TO_START:
-            tree["checkpoint"].pop(key, None)
+            section, name = key.split(".")
+            tree[section].pop(name, None)
         out[name] = tree
     return {"order": list(plan.stages), "stages": out}
 

@@ -24,8 +24,9 @@ def test_the_smoke_grid_trains_two_runs_from_one_mae_and_a_rerun_redoes_nothing(
     first = smoke(tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     sweep = tmp_path / "sweep"
-    assert "2 runs (2 to do)" in first.stdout
-    assert "[1/2] supervised   labels/class 2  seed 0  teacher top-1" in first.stdout and "ETA" in first.stdout
+    assert "2 runs (2 to do)" in first.stdout and "at a time" in first.stdout
+    assert "[1/2] " in first.stdout and "[2/2] " in first.stdout and "ETA" in first.stdout
+    assert "supervised   labels/class 2  seed 0  teacher top-1" in first.stdout
     assert sorted(p.name for p in sweep.iterdir() if p.name.startswith("mae")) == ["mae-seed0"]
     for name, stages in (("supervised-l2-s0", ["finetune"]), ("semivit-l2-s0", ["finetune", "semi"])):
         record = json.loads((tmp_path / "copy" / f"{name}.json").read_text())

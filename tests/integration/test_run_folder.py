@@ -70,6 +70,16 @@ def test_an_interrupted_run_with_the_same_config_resumes_by_itself(tmp_path, cap
     assert json.loads((out / "results.json").read_text())["stages"]["finetune"]["steps"] == 6
 
 
+def test_an_interrupted_run_resumes_by_itself_on_another_cpu_thread_count(tmp_path, capsys):
+    """run.threads says how fast to go, not what to train: a sweep resumed with another --jobs changes it."""
+    out, args = tmp_path / "run", ["--out", str(tmp_path / "run"), *FINETUNE, "--schedule.max_steps", "6"]
+    assert main(args) == 0
+    interrupted(out)
+    capsys.readouterr()
+    assert main([*args, "--run.threads", "2"]) == 0
+    assert "resumed at step 3/6" in capsys.readouterr().out
+
+
 def test_an_interrupted_run_with_another_config_is_refused_naming_the_difference(tmp_path, capsys):
     out, args = tmp_path / "run", ["--out", str(tmp_path / "run"), *FINETUNE, "--schedule.max_steps", "6"]
     assert main(args) == 0

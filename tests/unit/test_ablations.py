@@ -1,10 +1,11 @@
 """The ablation runner without training: variant parsing and its errors, the runs it plans and the engine
 overrides they become, the table (mean, std, collapse) from fake run folders, the RESULTS.md section, the
-plot, and the resume logic (finished runs are read, not redone; one MAE per seed)."""
+plot, the resume logic (finished runs are read, not redone; one MAE per seed) and runs in parallel."""
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -237,3 +238,62 @@ def test_a_finished_run_is_read_not_redone_and_each_seed_pre_trains_once(tmp_pat
     again = FakeEngine()
     Sweep(tmp_path / "cfg.toml", tmp_path, (), execute=again, cfg_arch="vit_digits_tiny").run_all(runs)
     assert again.calls == []
+
+
+class TimedFakeEngine(FakeEngine):
+    """A fake run that takes a moment, logging when each one started and ended (from several threads)."""
+
+    def __init__(self, interrupt: str = ""):
+        super().__init__()
+        self.events: list[tuple[str, str]] = []
+        self.interrupt = interrupt
+
+    def __call__(self, cfg: Path, out: Path, overrides) -> None:
+        self.events.append(("start", out.name))
+        time.sleep(0.05)
+        if out.name == self.interrupt:
+            raise KeyboardInterrupt  # what run_engine raises when its run was stopped and saved
+        super().__call__(cfg, out, overrides)
+        self.events.append(("end", out.name))
+
+
+def test_two_jobs_run_two_at_a_time_and_no_run_starts_before_its_seeds_mae_ended(tmp_path):
+    variants = [BUILT_IN["supervised"], BUILT_IN["semivit"], BUILT_IN["hard"]]
+    runs = plan_runs(variants, [1, 2], [0, 1], [], 2, "vit_digits_tiny")
+    engine = TimedFakeEngine()
+    records = Sweep(tmp_path / "cfg.toml", tmp_path, (), execute=engine, cfg_arch="vit_digits_tiny",
+                    jobs=2).run_all(runs)
+    assert [r["name"] for r in records] == [r.name for r in runs]  # in plan order, whatever finished first
+    order = [f"{what} {name}" for what, name in engine.events]
+    assert order[:2] == ["start mae-seed0", "start mae-seed1"]  # nothing else can start before them
+    for run in runs:
+        assert order.index(f"end mae-seed{run.seed}") < order.index(f"start {run.name}")
+    at_once = running = 0
+    for what, _ in engine.events:
+        running += 1 if what == "start" else -1
+        at_once = max(at_once, running)
+    assert at_once == 2 and len(engine.calls) == 2 + len(runs)
+
+
+def test_an_interrupted_run_stops_the_sweep_and_the_others_end_before_it_returns(tmp_path):
+    runs = plan_runs([BUILT_IN["supervised"], BUILT_IN["semivit"]], [1, 2], [0], [], 2, "vit_digits_tiny")
+    engine = TimedFakeEngine(interrupt=runs[1].name)
+    sweep = Sweep(tmp_path / "cfg.toml", tmp_path, (), execute=engine, cfg_arch="vit_digits_tiny", jobs=2)
+    with pytest.raises(KeyboardInterrupt):
+        sweep.run_all(runs)
+    started = [name for what, name in engine.events if what == "start"]
+    ended = [name for what, name in engine.events if what == "end"]
+    assert set(started) - set(ended) == {runs[1].name}  # every other run that started also ended
+    assert len(started) < 1 + len(runs)  # and nothing started after the interruption
+    assert sweep.pending(runs)  # a rerun continues from here
+
+
+def test_on_a_cpu_the_cores_go_to_separate_runs_of_one_thread_unless_told_otherwise(monkeypatch):
+    monkeypatch.setattr(ablations.os, "cpu_count", lambda: 8)
+    monkeypatch.setattr(ablations.torch.cuda, "is_available", lambda: False)
+    args = ablations.parse_args([])
+    assert ablations.parallel_runs(args, "auto", ()) == (8, (("run.threads", "1"),))
+    assert ablations.parallel_runs(ablations.parse_args(["--jobs", "2"]), "cpu", ()) == (2, (("run.threads", "4"),))
+    assert ablations.parallel_runs(args, "cpu", (("run.threads", "3"),)) == (8, ())
+    assert ablations.parallel_runs(args, "cuda", ()) == (1, ())
+    assert ablations.main(["--jobs", "0"]) == 2
