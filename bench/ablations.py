@@ -28,7 +28,7 @@ import torch
 
 from bench.ablations_sweep import ROOT, Run, RunFailed, Sweep, mae_overrides, plan_runs, run_overrides
 from bench.ablations_table import budget_table, plot, replace_section, scaling_table
-from bench.ablations_variants import Variant, parse_common, select_variants
+from bench.ablations_variants import Variant, parse_common, scaling_variants, select_variants
 from engine.config import load_plan
 from engine.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 
@@ -51,6 +51,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="overrides for every run of the sweep, the MAE pre-training included")
     parser.add_argument("--models", nargs="+", default=[], help="model-size scaling: these model.arch values...")
     parser.add_argument("--scaling-budget", type=int, default=2, help="...at this many labels per class")
+    parser.add_argument("--scaling-variants", nargs="+", metavar="NAME",
+                        help="...for these of the grid's variants (default: all of them)")
     parser.add_argument("--results-dir", help="copy of the raw JSON and the plot (default: "
                                               "bench/results/ablations-<date>; --smoke: SWEEP/copy)")
     parser.add_argument("--results-md", help="markdown file whose ablation section is replaced (default: "
@@ -74,9 +76,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def parallel_runs(args, cfg_device: str, common) -> tuple[int, tuple[tuple[str, str], ...]]:
-    """How many runs at a time and the overrides that share the CPU between them. Small models train no
-    faster on two threads than on one (the demo: 31 s either way on 2 cores), so on a CPU the cores go to
-    separate runs, one thread each: two runs at a time nearly halve the sweep. On a GPU, one run at a time."""
+    """How many runs at a time and the overrides that share the CPU between them. On a CPU the cores go to
+    separate runs, one thread each: what a run does on one thread anyway (start-up, evaluations, plots) then
+    overlaps another run's steps (docs/ablations.md has the measured gain). On a GPU, one run at a time."""
     on_cpu = cfg_device == "cpu" or (cfg_device == "auto" and not torch.cuda.is_available())
     cores = os.cpu_count() or 1
     jobs = args.jobs or (cores if on_cpu else 1)
@@ -119,7 +121,7 @@ def machine() -> str:
     return f"{platform.machine()}, {os.cpu_count()} cores, {cpu}, torch {version('torch')}"
 
 
-def write_outputs(args, records: list[dict], chosen: list[Variant], cfg_arch: str) -> str:
+def write_outputs(args, records: list[dict], chosen: list[Variant], cfg_arch: str, scaling: list[Variant]) -> str:
     """The table, the plot and summary.json in the sweep folder, the copy, the RESULTS.md section."""
     variants = [v.name for v in chosen]
     grid = [r for r in records if r["arch"] == cfg_arch and r["budget"] in args.budgets]
@@ -127,7 +129,7 @@ def write_outputs(args, records: list[dict], chosen: list[Variant], cfg_arch: st
     if args.models:
         scaled = [r for r in records if r["budget"] == args.scaling_budget and r["arch"] in args.models]
         text += (f"\n\nModel size at {args.scaling_budget} labels per class:\n\n"
-                 + scaling_table(scaled, variants, args.models))
+                 + scaling_table(scaled, [v.name for v in scaling], args.models))
     text += "\n\nVariants: " + "; ".join(f"`{v.name}`: {v.about}" for v in chosen) + "."
     (args.out / "table.md").write_text(text + "\n")
     figure = plot(grid, variants, args.budgets, args.out / "ablations.png")
@@ -167,13 +169,14 @@ def main(argv: list[str] | None = None) -> int:
         variants = select_variants(args.variants, args.variant)
         cfg_arch, cfg_device = check_inputs(args, variants, common)
         jobs, threads = parallel_runs(args, cfg_device, common)
-        runs = plan_runs(variants, args.budgets, args.seeds, args.models, args.scaling_budget, cfg_arch)
+        scaling = scaling_variants(args.scaling_variants, variants)
+        runs = plan_runs(variants, args.budgets, args.seeds, args.models, args.scaling_budget, cfg_arch, scaling)
         sweep = Sweep(Path(args.cfg).resolve(), args.out, (*common, *threads), cfg_arch=cfg_arch, jobs=jobs)
         print(f"{len(runs)} runs ({len(sweep.pending(runs))} to do) in {args.out}, {jobs} at a time"
               + (f" on {threads[0][1]} CPU thread(s) each" if threads else ""), flush=True)
         t0 = time.perf_counter()
         records = sweep.run_all(runs)
-        print(write_outputs(args, records, variants, cfg_arch))
+        print(write_outputs(args, records, variants, cfg_arch, scaling))
         print(f"sweep wall time {time.perf_counter() - t0:.0f} s; table {args.out / 'table.md'}, raw JSON "
               f"{args.results_dir}, section in {args.results_md}")
         return 0

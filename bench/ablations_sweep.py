@@ -61,11 +61,13 @@ def run_overrides(run: Run, sweep: Path, common) -> list[tuple[str, str]]:
 
 
 def plan_runs(variants: list[Variant], budgets: list[int], seeds: list[int], models: list[str], scaling_budget: int,
-              cfg_arch: str) -> list[Run]:
-    """Seed by seed (each MAE is used as soon as it exists), then the scaling runs the grid does not hold."""
+              cfg_arch: str, scaling: list[Variant] | None = None) -> list[Run]:
+    """Seed by seed (each MAE is used as soon as it exists), then the scaling runs the grid does not hold
+    (`scaling`: their variants, default the grid's)."""
     runs = [Run(v, b, s) for s in seeds for b in budgets for v in variants]
     for arch in models:
-        runs += [Run(v, scaling_budget, s, "" if arch == cfg_arch else arch) for s in seeds for v in variants]
+        runs += [Run(v, scaling_budget, s, "" if arch == cfg_arch else arch) for s in seeds
+                 for v in (variants if scaling is None else scaling)]
     return list({r.name: r for r in runs}.values())
 
 

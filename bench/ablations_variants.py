@@ -116,6 +116,16 @@ def select_variants(names: list[str] | None, extra: list[str]) -> list[Variant]:
     return chosen
 
 
+def scaling_variants(names: list[str] | None, chosen: list[Variant]) -> list[Variant]:
+    """The variants of the model-size table (--scaling-variants): some of the grid's, default all of them."""
+    by_name = {v.name: v for v in chosen}
+    unknown = [n for n in names or () if n not in by_name]
+    if unknown:
+        raise UserError(f"--scaling-variants: {', '.join(unknown)} not in the grid's variants "
+                        f"({', '.join(by_name)}): name some of those")
+    return [by_name[n] for n in dict.fromkeys(names)] if names else list(chosen)
+
+
 def parse_common(text: str) -> tuple[tuple[str, str], ...]:
     """--common: overrides for every engine run of the sweep (the MAE pre-training too), in the same syntax."""
     overrides, stages = parse_items("--common", text, text)

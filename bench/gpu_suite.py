@@ -53,11 +53,9 @@ from bench.original_step import OriginalStep  # noqa: E402
 from engine import costmodel as cm  # noqa: E402
 from engine.config import Config, DataConfig, ModelConfig, RunConfig, SemiConfig  # noqa: E402
 from engine.models import build_vit, forward_gflops, param_count  # noqa: E402
-from engine.optim import build_optimizer  # noqa: E402
 from engine.runtime import Runtime  # noqa: E402
-from engine.stages.compiled import MicroStep  # noqa: E402
-from engine.stages.loop import optimizer_step  # noqa: E402
 from engine.stages.semi import SemiStage  # noqa: E402
+from engine.stages.standalone import StageSteps  # noqa: E402
 from kernels import dispatch  # noqa: E402
 
 
@@ -116,13 +114,6 @@ def forward_throughput(arch: str, img: int, device, dtype, batch: int, iters: in
             "gflops_per_img": forward_gflops(model, img)}
 
 
-class MetricSink:
-    """Takes the training step's metrics and records nothing (timing runs only)."""
-
-    def accumulate(self, metrics, images, data_wait=0.0):
-        pass
-
-
 class _Synthetic:
     """Stands in for the data streams: the same tensors every step, already on the device."""
 
@@ -152,16 +143,10 @@ def semi_step(arch: str, img: int, device, dtype, b: int, mu: int, iters: int, p
     student = build_on(device, arch, img_size=img, grad_checkpointing=checkpointing)
     forward = torch.compile(student, backend=compile_backend) if compile_backend else student
     data = _Synthetic(b, mu, student.patch_embed.proj.in_channels, img, 1000, device)
-    stage = SemiStage(cfg, data, student, forward)
-    optimizer = build_optimizer(student, cfg.optim, lr=1e-4)
-    params = [p for p in student.parameters() if p.requires_grad]
     batches = zip(data.forever(data.labelled_batch), data.forever(data.unlabelled_batch))
-    micro_step = MicroStep(stage, cfg, rt, compiler=compile_step or "inductor")
+    step = StageSteps.of(SemiStage(cfg, data, student, forward), cfg, rt, batches, lr=1e-4,
+                         compiler=compile_step or "inductor")
     peak_reset(device)
-
-    def step():
-        optimizer_step(stage, forward, optimizer, params, batches, cfg, rt, MetricSink(), micro_step=micro_step)
-        stage.after_step()
 
     t0 = time.perf_counter()
     step()  # compiles, when asked (and records the CUDA graph on its next calls)

@@ -23,17 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.gpu_suite import MetricSink
 from bench.machine import cpu_label
 from engine.config import load_plan
 from engine.models.vit import ARCHS
-from engine.optim import build_optimizer
-from engine.runtime import Runtime
-from engine.stages.common import cycle
-from engine.stages.compiled import MicroStep
-from engine.stages.loop import optimizer_step
-from engine.stages.runner import build_student, stage_data
-from engine.stages.specs import STAGE_SPECS
+from engine.stages.standalone import stage_steps
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "digits.toml"
 PROXY_ARCH = "vit_h14_launch_proxy"
@@ -45,22 +38,7 @@ MODES = ("off", "step", "model")
 def semi_step(overrides, mode: str):
     """One optimizer step + EMA of the demo's semi stage under `overrides` and run.compile = `mode`."""
     cfg = load_plan(DEMO, [("run.stages", "semi"), ("run.compile", mode), *overrides]).stages["semi"]
-    rt = Runtime(device=torch.device("cpu"), dtype=None)
-    data = stage_data(cfg, rt, STAGE_SPECS["semi"])
-    student, _ = build_student(STAGE_SPECS["semi"], cfg, rt, None)
-    forward = torch.compile(student) if mode == "model" else student
-    stage = STAGE_SPECS["semi"].stage(cfg, data, student, forward)
-    optimizer = build_optimizer(student, cfg.optim, 1e-3)
-    params = [p for p in student.parameters() if p.requires_grad]
-    micro_step = MicroStep(stage, cfg, rt)
-    batches = zip(cycle(data.labelled, 0), cycle(data.unlabelled, 0))
-    sink = MetricSink()
-
-    def step():
-        optimizer_step(stage, forward, optimizer, params, batches, cfg, rt, sink, micro_step=micro_step)
-        stage.after_step()
-
-    return step
+    return stage_steps(cfg, "semi", compile_model=mode == "model")
 
 
 def top_ops(step, steps: int = 3, rows: int = 10) -> list[tuple[str, float, float]]:

@@ -15,13 +15,8 @@ import torch
 from bench.test_bench_step import DEMO
 from engine.config import load_plan
 from engine.metrics import MetricLogger
-from engine.optim import build_optimizer
 from engine.runtime import Runtime
-from engine.stages.common import cycle
-from engine.stages.loop import optimizer_step
-from engine.stages.runner import build_student, stage_data
-from engine.stages.semi import SemiStage
-from engine.stages.specs import STAGE_SPECS
+from engine.stages.standalone import stage_steps
 
 STEPS, EVERY, WARM_UP, MAX_GROWTH = 3000, 100, 500, 0.05
 
@@ -41,19 +36,13 @@ def semi_steps(run_dir: Path, steps: int, every: int) -> list[tuple[int, int]]:
     """(step, resident bytes) after every `every` steps of the demo's semi stage."""
     cfg = load_plan(DEMO, [("run.stages", "semi")]).stages["semi"]
     rt = Runtime(device=torch.device("cpu"), dtype=None)
-    data = stage_data(cfg, rt, STAGE_SPECS["semi"])
-    student, _ = build_student(STAGE_SPECS["semi"], cfg, rt, None)
-    stage = SemiStage(cfg, data, student, student)
-    optimizer = build_optimizer(student, cfg.optim, 1e-3)
-    params = [p for p in student.parameters() if p.requires_grad]
-    batches = zip(cycle(data.labelled, 0), cycle(data.unlabelled, 0))
     logger = MetricLogger(run_dir, rt, cfg.logging, "semi")
+    step_once = stage_steps(cfg, "semi", rt, logger=logger)
     logger.start(0)
     series = []
     try:
         for step in range(1, steps + 1):
-            optimizer_step(stage, student, optimizer, params, batches, cfg, rt, logger)
-            stage.after_step()
+            step_once()
             if step % cfg.logging.every_steps == 0:
                 logger.flush(step, step / 100, {})
             if step % every == 0:

@@ -8,44 +8,16 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.gpu_suite import MetricSink
 from engine.config import load_plan
-from engine.optim import build_optimizer
-from engine.runtime import Runtime
-from engine.stages.common import cycle
-from engine.stages.finetune import FinetuneStage
-from engine.stages.loop import optimizer_step
-from engine.stages.runner import build_student, stage_data
-from engine.stages.semi import SemiStage
-from engine.stages.specs import STAGE_SPECS
+from engine.stages.standalone import stage_steps
 
 DEMO = Path(__file__).resolve().parent.parent / "configs" / "digits.toml"
 
 
-def _stage(name: str):
-    cfg = load_plan(DEMO, [("run.stages", name)]).stages[name]
-    rt = Runtime(device=torch.device("cpu"), dtype=None)
-    data = stage_data(cfg, rt, STAGE_SPECS[name])
-    student, _ = build_student(STAGE_SPECS[name], cfg, rt, None)
-    stage = (SemiStage if name == "semi" else FinetuneStage)(cfg, data, student, student)
-    optimizer = build_optimizer(student, cfg.optim, 1e-3)
-    params = [p for p in student.parameters() if p.requires_grad]
-    if name == "semi":
-        batches = zip(cycle(data.labelled, 0), cycle(data.unlabelled, 0))
-        images = cfg.data.batch_size * (1 + cfg.semi.mu)
-    else:
-        batches, images = cycle(data.labelled, 0), cfg.data.batch_size
-
-    def step():
-        optimizer_step(stage, student, optimizer, params, batches, cfg, rt, MetricSink())
-        stage.after_step()
-
-    return step, images
-
-
 @pytest.mark.parametrize("name", ["finetune", "semi"])
 def test_bench_demo_step(benchmark, name):
-    step, images = _stage(name)
+    step = stage_steps(load_plan(DEMO, [("run.stages", name)]).stages[name], name)
+    images = step.images
     for _ in range(3):  # warm-up: allocator, optimizer state
         step()
     benchmark.pedantic(step, rounds=20, iterations=1)

@@ -20,7 +20,8 @@ def kernels_backend(cfg: Config, rt: Runtime) -> str:
 def device_name(rt: Runtime) -> str:
     if rt.device.type == "cuda":
         return f"{rt.device} ({torch.cuda.get_device_name(rt.device)})"
-    return f"cpu ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'' if threads == 1 else 's'})"
 
 
 def data_path(cfg: Config, rt: Runtime) -> str:

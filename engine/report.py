@@ -5,13 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")  # files only: no display on servers
-import matplotlib.pyplot as plt  # noqa: E402
-
-from engine.profiling import format_table  # noqa: E402
-from engine.stages.specs import STAGE_SPECS  # noqa: E402
+from engine.profiling import format_table
+from engine.stages.specs import STAGE_SPECS
 
 PLOTS = {
     "accuracy": ("eval", ("top1", "teacher_top1"), "top-1 (%)"),
@@ -29,6 +24,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 def plot(rows: list[dict], kind: str, keys: tuple[str, ...], ylabel: str, path: Path) -> bool:
     """One line per (stage, key), steps continued across stages so the run reads left to right."""
+    import matplotlib  # here, not at the top: a run's start-up (and --help, --dry-run) skips its ~1 s import
+
+    matplotlib.use("Agg")  # files only: no display on servers
+    import matplotlib.pyplot as plt
+
     fig, ax = plt.subplots(figsize=(7, 3.6))
     offset, drawn = 0, False
     stages = list(dict.fromkeys(r["stage"] for r in rows))

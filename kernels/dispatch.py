@@ -76,7 +76,15 @@ def _native_problem(device: torch.device) -> str | None:
     return None
 
 
-@torch.compiler.assume_constant_result  # torch.compile evaluates it once while tracing, not in the graph
+def constant_while_tracing(fn):
+    """torch.compiler.assume_constant_result (torch.compile evaluates the call once while tracing, not in the
+    graph) without importing torch._dynamo, which costs every start-up ~2 s: that decorator only sets this
+    attribute (torch 2.11 to 2.14; tests/unit/test_kernel_dispatch.py holds it to the installed torch's)."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@constant_while_tracing
 def resolve(backend: str | None, device: torch.device, dtype: torch.dtype | None = None) -> str:
     """The concrete backend (triton | native | torch | reference) for tensors on ``device``."""
     backend = _default if backend is None else backend

@@ -8,16 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.gpu_suite import MetricSink
 from engine import checkpoint as ckpt
 from engine.config import load_plan
-from engine.optim import build_optimizer
-from engine.runtime import Runtime
-from engine.stages.common import cycle
-from engine.stages.compiled import MicroStep
-from engine.stages.loop import optimizer_step
-from engine.stages.runner import build_student, stage_data
-from engine.stages.specs import STAGE_SPECS
+from engine.stages.standalone import StageSteps, stage_steps
 from engine.train import main
 from kernels import dispatch
 from tests.conftest import require_backend
@@ -29,29 +22,10 @@ MIXUP = [("augment.mixup", "0.8"), ("augment.cutmix", "1.0")]
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def demo_training(name: str, overrides=(), compile_mode: str = "off", compiler: str = "inductor"):
-    """The demo's `name` stage: a step function (one optimizer step + EMA) and its student."""
+def demo_training(name: str, overrides=(), compile_mode: str = "off", compiler: str = "inductor") -> StageSteps:
+    """The demo's `name` stage: call it for one optimizer step + EMA (its stage holds the student)."""
     cfg = load_plan(DEMO, [("run.stages", name), ("run.compile", compile_mode), *overrides]).stages[name]
-    rt = Runtime(device=torch.device("cpu"), dtype=None)
-    spec = STAGE_SPECS[name]
-    data = stage_data(cfg, rt, spec)
-    student, _ = build_student(spec, cfg, rt, None)
-    torch.manual_seed(5)
-    stage = spec.stage(cfg, data, student, student)
-    optimizer = build_optimizer(student, cfg.optim, 1e-3)
-    params = [p for p in student.parameters() if p.requires_grad]
-    micro_step = MicroStep(stage, cfg, rt, compiler=compiler)
-    if name == "semi":
-        batches = zip(cycle(data.labelled, 0), cycle(data.unlabelled, 0))
-    else:
-        batches = cycle(data.pretrain if name == "pretrain" else data.labelled, 0)
-    sink = MetricSink()
-
-    def step():
-        optimizer_step(stage, student, optimizer, params, batches, cfg, rt, sink, micro_step=micro_step)
-        stage.after_step()
-
-    return step, student, micro_step
+    return stage_steps(cfg, name, seed=5, compiler=compiler)
 
 
 CASES = {
@@ -72,10 +46,10 @@ def test_every_training_step_traces_as_one_graph_with_its_backward(case, backend
     dispatch.set_default(backend)
     torch._dynamo.reset()
     try:
-        step, _, micro_step = demo_training(name, overrides, "step", compiler="aot_eager")
+        step = demo_training(name, overrides, "step", compiler="aot_eager")
         for _ in range(2):  # fullgraph=True: a graph break raises instead of splitting the step
             step()
-        assert micro_step.compiled
+        assert step.micro_step.compiled
     finally:
         dispatch.set_default("auto")
         torch._dynamo.reset()
@@ -85,10 +59,10 @@ def test_a_compiled_step_trains_like_the_eager_step_over_20_demo_steps():
     torch._dynamo.reset()
     weights = {}
     for mode in ("off", "step"):
-        step, student, _ = demo_training("semi", (), mode)
+        step = demo_training("semi", (), mode)
         for _ in range(20):
             step()
-        weights[mode] = {k: v.detach().clone() for k, v in student.state_dict().items()}
+        weights[mode] = {k: v.detach().clone() for k, v in step.stage.student.state_dict().items()}
     torch._dynamo.reset()
     assert weights["off"].keys() == weights["step"].keys()
     for key, eager in weights["off"].items():

@@ -75,14 +75,13 @@ def shard(batch, rank: int, world: int):
 
 def train_steps(stage_name: str, rank: int, world: int, strategy: str = "ddp") -> dict:
     from engine.metrics import MetricLogger
-    from engine.optim import build_optimizer
     from engine.runtime import Runtime
     from engine.sharding import full_state_dict
-    from engine.stages import loop
     from engine.stages.finetune import FinetuneStage
     from engine.stages.runner import build_student, shard_stage, stage_data, wrap_for_training
     from engine.stages.semi import SemiStage
     from engine.stages.specs import STAGE_SPECS
+    from engine.stages.standalone import StageSteps
 
     accum = 2 if stage_name == "finetune" else 1  # accumulation: no gradient sync on the first micro-step
     cfg = plan(stage_name, ("optim.accum_steps", str(accum)), ("dist.strategy", strategy))
@@ -101,15 +100,12 @@ def train_steps(stage_name: str, rank: int, world: int, strategy: str = "ddp") -
         stage = SemiStage(cfg, data, student, forward, teacher_state=teacher)
     if fsdp:  # FSDP2: student and teacher sharded per block, the EMA on each rank's shards
         shard_stage(stage, cfg, rt)
-        forward = stage.forward_model
-    optimizer = build_optimizer(student, cfg.optim, 1e-3)
-    params = [p for p in student.parameters() if p.requires_grad]
     logger = MetricLogger.__new__(MetricLogger)  # the step only accumulates into it
     logger.sums, logger.steps, logger.images, logger.data_wait = {}, 0, 0, 0.0
     batches = iter([shard(x, rank, world) for x in global_batches(stage_name, STEPS * accum, 16, cfg.semi.mu)])
+    step = StageSteps.of(stage, cfg, rt, batches, logger=logger)
     for _ in range(STEPS):
-        loop.optimizer_step(stage, forward, optimizer, params, batches, cfg, rt, logger)
-        stage.after_step()
+        step()
     return {"init": init, "student": {k: v.clone() for k, v in full_state_dict(student).items()},
             "teacher": {k: v.clone() for k, v in full_state_dict(stage.teacher).items()},
             "mask_rate": float(logger.sums.get("raw_mask_rate", torch.zeros(()))) / logger.steps}

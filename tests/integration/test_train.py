@@ -243,19 +243,15 @@ def test_no_host_sync_inside_the_training_step(monkeypatch):
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
         monkeypatch.setattr(torch.Tensor, name, guard(name))
     from engine.metrics import MetricLogger
-    from engine.optim import build_optimizer
+    from engine.stages.standalone import StageSteps
 
-    rt = Runtime(device=torch.device("cpu"), dtype=None)
-    logger = MetricLogger.__new__(MetricLogger)
+    logger = MetricLogger.__new__(MetricLogger)  # the real accumulation, nothing written
     logger.sums, logger.steps, logger.images, logger.data_wait = {}, 0, 0, 0.0
-    optimizer = build_optimizer(stage.student, cfg.optim, 1e-3)
-    params = [p for p in stage.student.parameters() if p.requires_grad]
-    batches = stage.batches(0, 0)
+    step = StageSteps.of(stage, cfg, Runtime(device=torch.device("cpu"), dtype=None), logger=logger)
     for _ in range(2):
         forbidden["on"] = True
         try:
-            finite = loop_mod.optimizer_step(stage, stage.forward_model, optimizer, params, batches, cfg, rt, logger)
-            stage.after_step()
+            finite = step()  # the optimizer step and the EMA after it
         finally:
             forbidden["on"] = False
         assert bool(finite)
@@ -363,3 +359,18 @@ def test_user_errors_name_the_key_and_the_fix(tmp_path, capsys):
     assert "pseudo_label" in err and "--eval.checkpoint" in err
     assert main(["--out", str(tmp_path / "c"), "--run.stages", "finetune", "--model.in_chans", "3"]) == 2
     assert "--model.in_chans 1" in capsys.readouterr().err
+
+
+def test_a_stage_stepped_outside_a_run_reads_past_its_first_epoch_and_counts_its_images():
+    """engine.stages.standalone, what the benchmarks time: the loop's step, endless batches, the EMA after it."""
+    from engine.stages.standalone import stage_steps
+
+    cfg = plan_with(stages="finetune").stages["finetune"]
+    step = stage_steps(cfg, "finetune")
+    teacher = {k: v.clone() for k, v in step.stage.teacher.state_dict().items()}
+    for _ in range(step.stage.micro_batches_per_epoch() + 1):
+        assert bool(step())
+    assert step.images == cfg.data.batch_size * cfg.optim.accum_steps
+    assert any(not torch.equal(v, teacher[k]) for k, v in step.stage.teacher.state_dict().items())
+    semi = plan_with(stages="semi").stages["semi"]
+    assert stage_steps(semi, "semi").images == semi.data.batch_size * (1 + semi.semi.mu)

@@ -23,7 +23,7 @@ from bench.ablations_table import (
     teacher_history,
     write_svg,
 )
-from bench.ablations_variants import BUILT_IN, parse_common, parse_variant, select_variants
+from bench.ablations_variants import BUILT_IN, parse_common, parse_variant, scaling_variants, select_variants
 from engine.errors import UserError
 
 
@@ -142,6 +142,16 @@ def test_the_scaling_runs_of_the_configs_own_model_are_the_grids_runs():
     assert len(names) == len(set(names)) == 2 * 2 * 2 + 2 * 2
     assert names[:4] == ["supervised-l1-s0", "semivit-l1-s0", "supervised-l2-s0", "semivit-l2-s0"]
     assert "semivit-l2-s1-vit_digits_small" in names and "semivit-l1-s0-vit_digits_small" not in names
+
+
+def test_the_model_size_runs_can_take_fewer_variants_than_the_grid():
+    grid = [BUILT_IN["supervised"], BUILT_IN["semivit"], BUILT_IN["hard"]]
+    chosen = scaling_variants(["semivit", "supervised"], grid)
+    assert [v.name for v in chosen] == ["semivit", "supervised"] and scaling_variants(None, grid) == grid
+    runs = plan_runs(grid, [2], [0], ["vit_digits_small"], 2, "vit_digits_tiny", chosen)
+    assert [r.name for r in runs if r.arch] == ["semivit-l2-s0-vit_digits_small", "supervised-l2-s0-vit_digits_small"]
+    with pytest.raises(UserError, match="--scaling-variants: fixmatch not in the grid's variants"):
+        scaling_variants(["fixmatch"], grid)
 
 
 # the table

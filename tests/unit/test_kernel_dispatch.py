@@ -6,6 +6,8 @@ backend is reached through the public functions, as the trainer reaches them.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -216,12 +218,8 @@ class _LossSink:
 def test_one_semi_step_gives_the_same_loss_and_teacher_with_torch_and_native():
     require_backend("native")
     from engine.config import load_plan
-    from engine.optim import build_optimizer
     from engine.runtime import Runtime
-    from engine.stages.loop import optimizer_step
-    from engine.stages.runner import build_student, stage_data, wrap_for_training
-    from engine.stages.semi import SemiStage
-    from engine.stages.specs import STAGE_SPECS
+    from engine.stages.standalone import stage_steps
 
     demo = ROOT / "configs" / "digits.toml"
     plan = load_plan(demo, [("run.stages", "semi"), ("logging.progress", "false"), ("semi.threshold", "0.1")])
@@ -231,15 +229,11 @@ def test_one_semi_step_gives_the_same_loss_and_teacher_with_torch_and_native():
     for backend in ("torch", "native"):
         dispatch.set_default(backend)
         torch.manual_seed(0)
-        data = stage_data(cfg, rt, STAGE_SPECS["semi"])
-        student, _ = build_student(STAGE_SPECS["semi"], cfg, rt, None)
-        stage = SemiStage(cfg, data, student, wrap_for_training(student, cfg, rt))
         logger = _LossSink()
-        optimizer = build_optimizer(student, cfg.optim, 1e-3)
-        params = [p for p in student.parameters() if p.requires_grad]
+        step = stage_steps(cfg, "semi", rt, logger=logger)
         torch.manual_seed(1)  # the same augmentation, dropout and mixup draws for both backends
-        optimizer_step(stage, stage.forward_model, optimizer, params, stage.batches(0, 0), cfg, rt, logger)
-        stage.after_step()
+        step()
+        stage = step.stage
         results[backend] = (logger.sums["loss"].clone(), {k: v.clone() for k, v in stage.teacher.state_dict().items()})
     loss_t, teacher_t = results["torch"]
     loss_n, teacher_n = results["native"]
@@ -330,3 +324,19 @@ def test_pseudo_mixup_ignores_autocast():
     ref = pseudo_mixup_reference(images, prob, label, 0.5, draws=d)
     assert out.images.dtype == torch.float32
     torch.testing.assert_close(out.images, ref.images, rtol=0, atol=1e-6)
+
+
+# start-up
+
+
+def test_the_constant_mark_is_what_torch_compilers_own_decorator_sets():
+    ours, theirs = dispatch.constant_while_tracing(lambda: 0), torch.compiler.assume_constant_result(lambda: 0)
+    assert vars(ours) == vars(theirs) == {"_dynamo_marked_constant": True}
+
+
+def test_starting_the_trainer_imports_neither_the_compiler_nor_matplotlib():
+    """torch._dynamo (~2 s) and matplotlib (~1 s) load only when a run compiles or draws its plots."""
+    code = "import sys, engine.train; print(sorted(m for m in ('torch._dynamo', 'matplotlib') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[2], capture_output=True,
+                         text=True, check=True).stdout
+    assert out.strip() == "[]"
