@@ -40,6 +40,11 @@ class Run:
     def name(self) -> str:
         return f"{self.variant.name}-l{self.budget}-s{self.seed}" + (f"-{self.arch}" if self.arch else "")
 
+    @property
+    def mae(self) -> Mae:
+        """The MAE pre-training this run starts from."""
+        return Mae(self.seed, self.arch)
+
 
 def mae_name(seed: int, arch: str) -> str:
     return f"mae-seed{seed}" + (f"-{arch}" if arch else "")
@@ -54,7 +59,7 @@ def mae_overrides(seed: int, arch: str, common) -> list[tuple[str, str]]:
 
 
 def run_overrides(run: Run, sweep: Path, common) -> list[tuple[str, str]]:
-    init = sweep / mae_name(run.seed, run.arch) / "checkpoints" / "pretrain-final.pt"
+    init = sweep / run.mae.name / "checkpoints" / "pretrain-final.pt"
     return [("run.stages", ",".join(run.variant.stages)), ("model.init", str(init)),
             ("data.labels_per_class", str(run.budget)), *seed_overrides(run.seed, run.arch), *QUIET, *common,
             *run.variant.overrides]
@@ -174,11 +179,11 @@ class Sweep:
     def next_task(self, todo: list[Run], started: set[str]) -> Run | Mae | None:
         """In plan order, the first run whose MAE is finished, else the first MAE not started yet."""
         for run in todo:
-            mae = Mae(run.seed, run.arch)
+            mae = run.mae
             if run.name not in started and self.mae_done(mae):
                 return run
         for run in todo:
-            mae = Mae(run.seed, run.arch)
+            mae = run.mae
             if mae.name not in started and not self.mae_done(mae):
                 return mae
         return None
@@ -201,7 +206,7 @@ class Sweep:
                         running[pool.submit(self.timed, task)] = task
                     if not running:
                         raise RunFailed(f"nothing can start: the MAE pre-training of {todo[0].name} ended without "
-                                        f"{self.sweep / mae_name(todo[0].seed, todo[0].arch) / 'results.json'}", 1)
+                                        f"{self.sweep / todo[0].mae.name / 'results.json'}", 1)
                     finished, _ = wait(running, return_when=FIRST_COMPLETED)
                     for future in finished:
                         task = running.pop(future)
@@ -222,7 +227,7 @@ class Sweep:
         self.seconds.setdefault(",".join(task.variant.stages), []).append(wall)
         todo.remove(task)
         records[task.name] = self.record(task)
-        maes_left = len({mae for mae in (Mae(r.seed, r.arch) for r in todo) if not self.mae_done(mae)})
+        maes_left = len({r.mae for r in todo if not self.mae_done(r.mae)})
         print(f"[{len(records)}/{total}] {describe(task)}  teacher top-1 {records[task.name]['teacher_top1']:.1f} %  "
               f"{wall:.0f} s  ETA {self.eta(todo, maes_left) / 60:.1f} min", flush=True)
 
