@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 
 import kernels
+from engine import host_memory
 from engine.config import DistConfig, RunConfig
 from engine.errors import RankFailure, UserError, WriteError
 
@@ -161,6 +162,7 @@ def setup_runtime(run: RunConfig, dist_cfg: DistConfig) -> Runtime:
         dtype = None
     if run.threads:
         torch.set_num_threads(run.threads)
+    host_memory.apply(run.host_memory, on_cpu=not use_cuda)
     select_kernels(run.kernels, device)
     owns = world > 1 and not dist.is_initialized()
     if owns:

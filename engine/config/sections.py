@@ -9,6 +9,7 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
+from engine import host_memory
 from engine.errors import ConfigError
 
 # run.compile: what torch.compile compiles; the booleans of earlier versions are aliases
@@ -43,6 +44,9 @@ class RunConfig:
     compile: str | bool = "off"
     cuda_graphs: bool = False  # replay the compiled step as a CUDA graph: needs CUDA and compile = "step"
     threads: int = 0  # CPU intra-op threads; 0 keeps torch's default
+    # auto (keep on a CPU run) | keep (freed tensor memory stays in the process: no page faults on reuse,
+    # engine/host_memory.py) | system (malloc's defaults)
+    host_memory: str = "auto"
     # fused ops (EMA, pseudo labels, pseudo mixup, soft-target CE): auto (Triton on CUDA, native C++ on
     # CPU when built, torch otherwise) | triton | native | torch | reference; `python -m kernels` shows it
     kernels: str = "auto"
@@ -54,6 +58,7 @@ class RunConfig:
         one_of("device", self.device, ("auto", "cpu", "cuda"))
         one_of("precision", self.precision, ("auto", "bf16", "fp32"))
         check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
+        one_of("host_memory", self.host_memory, host_memory.MODES)
         one_of("kernels", self.kernels, ("auto", "triton", "native", "torch", "reference"))
         self.compile = COMPILE_ALIASES.get(str(self.compile).lower(), self.compile)
         one_of("compile", self.compile, COMPILE_MODES)

@@ -328,7 +328,7 @@ def test_run_header_names_device_precision_backends_loader_and_world(capsys, tmp
     plan = plan_with(("schedule.max_steps", "1"), stages="finetune")
     line = run_header(plan.base, Runtime(device=torch.device("cpu"), dtype=None))
     expected_kernels = "kernels auto -> native" if kernels.native.load() else "kernels auto -> torch"
-    for part in ("device cpu", "precision fp32", "attention sdpa", expected_kernels, "compile off", "data digits",
+    for part in ("device cpu", "precision fp32", "attention math", expected_kernels, "compile off", "data digits",
                  "world size 1"):
         assert part in line, part
     run_plan(plan, tmp_path)

@@ -65,6 +65,7 @@ def test_command_line_beats_file(cfg_file):
     (("data.batch_size", "-4"), "data.batch_size", "> 0"),
     (("optim.blr", "fast"), "optim.blr", "expected a number"),
     (("model.attn_backend", "flash"), "model.attn_backend", "sdpa"),
+    (("run.host_memory", "pooled"), "run.host_memory", "keep"),
 ])
 def test_bad_values_name_the_key(cfg_file, override, key, fragment):
     with pytest.raises(ConfigError) as err:
