@@ -28,7 +28,7 @@ import torch
 
 from bench.ablations_sweep import ROOT, Run, RunFailed, Sweep, mae_overrides, plan_runs, run_overrides
 from bench.ablations_table import budget_table, plot, replace_section, scaling_table
-from bench.ablations_variants import Variant, parse_common, scaling_variants, select_variants
+from bench.ablations_variants import Variant, parse_common, scaling_variants, select_variants, shares_finetune
 from engine.config import load_plan
 from engine.errors import EXIT_INTERRUPTED, EXIT_USAGE, UserError
 
@@ -170,7 +170,9 @@ def main(argv: list[str] | None = None) -> int:
         cfg_arch, cfg_device = check_inputs(args, variants, common)
         jobs, threads = parallel_runs(args, cfg_device, common)
         scaling = scaling_variants(args.scaling_variants, variants)
-        runs = plan_runs(variants, args.budgets, args.seeds, args.models, args.scaling_budget, cfg_arch, scaling)
+        sharing = frozenset(v.name for v in variants if shares_finetune(args.cfg, v, common))
+        runs = plan_runs(variants, args.budgets, args.seeds, args.models, args.scaling_budget, cfg_arch, scaling,
+                         sharing)
         sweep = Sweep(Path(args.cfg).resolve(), args.out, (*common, *threads), cfg_arch=cfg_arch, jobs=jobs)
         print(f"{len(runs)} runs ({len(sweep.pending(runs))} to do) in {args.out}, {jobs} at a time"
               + (f" on {threads[0][1]} CPU thread(s) each" if threads else ""), flush=True)

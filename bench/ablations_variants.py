@@ -15,6 +15,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from engine.config import load_plan
 from engine.errors import UserError
 
 SYNTAX = "NAME=--key=value[,--key=value...], e.g. --variant strict=--semi.threshold=0.9,--semi.lambda_u=1"
@@ -46,11 +47,26 @@ BUILT_IN = {v.name: v for v in (
     Variant("supervised", stages=("finetune",), about="supervised fine-tuning only (its EMA is scored)"),
     Variant("semivit", about="the recipe: EMA teacher, probabilistic pseudo mixup"),
     Variant("fixmatch", (("stages.semi.ema.decay", "0"),), about="FixMatch-style: teacher = the current student"),
-    Variant("hard", (("semi.pseudo_mixup", "false"),), about="Semi-ViT with hard pseudo labels, no pseudo mixup"),
+    Variant("hard", (("stages.semi.semi.pseudo_mixup", "false"),),
+            about="Semi-ViT with hard pseudo labels, no pseudo mixup"),
     decay("0.9"),
     decay("0.999"),
 )}
 DEFAULT = tuple(BUILT_IN)
+
+
+def shares_finetune(cfg: str, variant: Variant, common) -> bool:
+    """Whether `variant` fine-tunes exactly as the recipe does (its overrides leave the fine-tune stage's
+    config as it is), so that its runs start from the sweep's shared fine-tune instead of repeating it. A
+    change meant for a later stage shares only when scoped to that stage (--stages.semi.semi.threshold=0.9):
+    a section's key (--semi.threshold=0.9) reaches every stage's config, whether the stage reads it or not."""
+    if variant.stages[0] != "finetune":
+        return False
+
+    def finetune(overrides) -> object:
+        return load_plan(cfg, [("run.stages", "finetune"), *common, *overrides]).stages["finetune"]
+
+    return finetune(variant.overrides) == finetune(())
 
 
 def problem(flag: str, text: str, what: str) -> UserError:

@@ -23,7 +23,14 @@ from bench.ablations_table import (
     teacher_history,
     write_svg,
 )
-from bench.ablations_variants import BUILT_IN, parse_common, parse_variant, scaling_variants, select_variants
+from bench.ablations_variants import (
+    BUILT_IN,
+    parse_common,
+    parse_variant,
+    scaling_variants,
+    select_variants,
+    shares_finetune,
+)
 from engine.errors import UserError
 
 
@@ -66,7 +73,7 @@ def test_the_built_in_variants_change_what_the_issue_names():
     assert BUILT_IN["supervised"].stages == ("finetune",)
     assert BUILT_IN["semivit"].overrides == ()
     assert BUILT_IN["fixmatch"].overrides == (("stages.semi.ema.decay", "0"),)
-    assert BUILT_IN["hard"].overrides == (("semi.pseudo_mixup", "false"),)
+    assert BUILT_IN["hard"].overrides == (("stages.semi.semi.pseudo_mixup", "false"),)
     assert BUILT_IN["decay0.9"].overrides == (("stages.semi.ema.decay", "0.9"),)
     assert BUILT_IN["decay0.999"].overrides == (("stages.semi.ema.decay", "0.999"),)
 
@@ -133,6 +140,30 @@ def test_each_run_starts_from_its_seeds_mae_with_its_budget_and_the_variant_over
     keys = dict(run_overrides(small, tmp_path, ()))
     assert keys["model.arch"] == "vit_digits_small" and keys["run.stages"] == "finetune"
     assert keys["model.init"].endswith("mae-seed0-vit_digits_small/checkpoints/pretrain-final.pt")
+
+
+DEMO = Path(__file__).resolve().parents[2] / "configs" / "digits.toml"
+
+
+def test_variants_that_fine_tune_as_the_recipe_share_the_fine_tune_and_a_change_reaching_it_does_not():
+    assert all(shares_finetune(str(DEMO), v, ()) for v in BUILT_IN.values())
+    assert shares_finetune(str(DEMO), parse_variant("scoped=--stages.semi.semi.threshold=0.9"), ())
+    for text in ("lr=--optim.lr=1e-3", "wide=--semi.threshold=0.9", "scratch=--run.stages=baseline,semi"):
+        assert not shares_finetune(str(DEMO), parse_variant(text), ()), text
+
+
+def test_a_sharing_run_trains_its_later_stages_from_the_shared_fine_tune_and_supervised_is_that_fine_tune(tmp_path):
+    semi = Run(BUILT_IN["semivit"], budget=2, seed=1, shares_finetune=True)
+    keys = dict(run_overrides(semi, tmp_path, ()))
+    assert keys["run.stages"] == "semi" and keys["data.labels_per_class"] == "2" and keys["run.seed"] == "1"
+    assert keys["model.init"] == str(tmp_path / "finetune-l2-s1" / "checkpoints" / "finetune-final.pt")
+    supervised = Run(BUILT_IN["supervised"], budget=2, seed=1, shares_finetune=True)
+    keys = dict(run_overrides(supervised, tmp_path, ()))
+    assert keys["run.stages"] == "finetune"
+    assert keys["model.init"] == str(tmp_path / "mae-seed1" / "checkpoints" / "pretrain-final.pt")
+    sweep = Sweep(tmp_path / "cfg.toml", tmp_path, ())
+    assert sweep.run_dir(supervised) == tmp_path / "finetune-l2-s1"
+    assert sweep.run_dir(semi) == tmp_path / "runs" / "semivit-l2-s1"
 
 
 def test_the_scaling_runs_of_the_configs_own_model_are_the_grids_runs():
@@ -283,6 +314,27 @@ def test_two_jobs_run_two_at_a_time_and_no_run_starts_before_its_seeds_mae_ended
         running += 1 if what == "start" else -1
         at_once = max(at_once, running)
     assert at_once == 2 and len(engine.calls) == 2 + len(runs)
+
+
+def test_with_sharing_each_seed_and_budget_fine_tunes_once_before_its_runs_and_supervised_trains_nothing(tmp_path):
+    variants = [BUILT_IN["supervised"], BUILT_IN["semivit"], BUILT_IN["hard"]]
+    runs = plan_runs(variants, [1, 2], [0, 1], [], 2, "vit_digits_tiny", sharing=frozenset(BUILT_IN))
+    engine = TimedFakeEngine()
+    records = Sweep(tmp_path / "cfg.toml", tmp_path, (), execute=engine, cfg_arch="vit_digits_tiny",
+                    jobs=2).run_all(runs)
+    trained = [p.name for p in engine.calls]
+    assert sorted(n for n in trained if n.startswith("finetune")) == [
+        "finetune-l1-s0", "finetune-l1-s1", "finetune-l2-s0", "finetune-l2-s1"]
+    assert not any(n.startswith("supervised") for n in trained) and len(trained) == 2 + 4 + 8
+    order = [f"{what} {name}" for what, name in engine.events]
+    for run in runs:
+        assert order.index(f"end mae-seed{run.seed}") < order.index(f"start {run.finetune.name}")
+        if run.stages:
+            assert order.index(f"end {run.finetune.name}") < order.index(f"start {run.name}")
+    by_name = {r["name"]: r for r in records}
+    assert by_name["supervised-l2-s1"]["run_dir"] == str(tmp_path / "finetune-l2-s1")
+    assert by_name["supervised-l2-s1"]["scored_stage"] == "finetune"
+    assert by_name["hard-l2-s1"]["shared_finetune"] == str(tmp_path / "finetune-l2-s1")
 
 
 def test_an_interrupted_run_stops_the_sweep_and_the_others_end_before_it_returns(tmp_path):
