@@ -2,7 +2,9 @@
 
 A grid of label budgets (data.labels_per_class) x variants x seeds on the embedded digits demo (or any
 --cfg), each run a `python -m engine.train` subprocess, --jobs of them at a time. Each seed pre-trains MAE once
-(SWEEP/mae-seedN) and every run of that seed starts from it (model.init). A seed sets run.seed and
+(SWEEP/mae-seedN) and every run of that seed starts from it (model.init); each seed and budget fine-tunes
+once (SWEEP/finetune-lB-sN) for the variants that fine-tune as the recipe does, which then train only their
+later stages from it (the supervised variant is that fine-tune). A seed sets run.seed and
 data.split_seed: it changes the initialisation, the augmentation and which images are labelled. Rerunning
 the same command continues a killed sweep: finished runs (results.json) are read, not redone, and an
 unfinished run folder resumes. Writes SWEEP/runs/<run>/ (the engine's folders), SWEEP/results/<run>.json

@@ -277,7 +277,9 @@ class Sweep:
                     if not running:
                         raise RunFailed(f"nothing can start: {self.missing(todo[0])}", 1)
                     finished, _ = wait(running, return_when=FIRST_COMPLETED)
-                    for future in finished:
+                    # an MAE or a fine-tune first: a run that started from it (its files are there before
+                    # its future is seen) may have finished in the same wait
+                    for future in sorted(finished, key=lambda f: isinstance(running[f], Run)):
                         task = running.pop(future)
                         wall = future.result()  # a failed run raises here
                         self.report(task, wall, todo, records, len(runs))
