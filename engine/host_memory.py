@@ -20,7 +20,6 @@ import functools
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt's parameter numbers (glibc malloc.h)
 HEAP_UP_TO_BYTES = 32 << 20  # glibc's largest accepted mmap threshold on 64-bit (DEFAULT_MMAP_THRESHOLD_MAX)
 KEEP_UP_TO_BYTES = 2**31 - 1  # free memory at the heap's top that stays mapped (mallopt takes an int)
-MODES = ("auto", "keep", "system")  # auto: keep when the run trains on the CPU, else system
 
 
 @functools.cache
@@ -35,8 +34,9 @@ def _mallopt():
 
 
 def apply(mode: str, on_cpu: bool) -> bool:
-    """Set the process's malloc up for `mode` (MODES) in a run that trains on the CPU or not; True when memory
-    is now kept. "system" changes nothing (a process that already keeps its memory goes on keeping it)."""
+    """Set the process's malloc up for run.host_memory = `mode` (auto: keep on the CPU; keep; system) in a
+    run that trains on the CPU or not; True when memory is now kept. "system" changes nothing (a process
+    that already keeps its memory goes on keeping it)."""
     if mode == "system" or (mode == "auto" and not on_cpu):
         return False
     mallopt = _mallopt()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import difflib
 from dataclasses import dataclass, field
 
-from engine import host_memory
 from engine.errors import ConfigError
 
 # run.compile: what torch.compile compiles; the booleans of earlier versions are aliases
@@ -58,7 +57,7 @@ class RunConfig:
         one_of("device", self.device, ("auto", "cpu", "cuda"))
         one_of("precision", self.precision, ("auto", "bf16", "fp32"))
         check(self.threads >= 0, "threads", f"must be >= 0, got {self.threads}")
-        one_of("host_memory", self.host_memory, host_memory.MODES)
+        one_of("host_memory", self.host_memory, ("auto", "keep", "system"))
         one_of("kernels", self.kernels, ("auto", "triton", "native", "torch", "reference"))
         self.compile = COMPILE_ALIASES.get(str(self.compile).lower(), self.compile)
         one_of("compile", self.compile, COMPILE_MODES)
