@@ -291,7 +291,7 @@ class Sweep:
 
     def missing(self, run: Run) -> str:
         """Which training ended without its results, so that `run` cannot start."""
-        start = run.start if not self.done(run.start) else run
+        start = run.start
         while start.start is not None and not self.done(start.start):
             start = start.start
         return f"{start.name} ended without {self.sweep / start.name / 'results.json'}"
